@@ -1,0 +1,203 @@
+"""BFP quantizer: grid membership, error bounds, unbiasedness, idempotence, clear errors."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fedlpt.quant import BFP, block_layout, decode_codes, encode_codes, num_blocks, quantize
+from fedlpt.quant.bfp import quantize_
+
+BLOCKS = ["tensor", "row", "kernel", 1, 5, 16]
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> torch.Tensor:
+    shape = draw(st.sampled_from([(7,), (4, 6), (3, 2, 3, 3), (2, 5, 1), (1,), (33,)]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    log_scale = draw(st.floats(-30, 30))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * 2.0**log_scale
+    if draw(st.booleans()):  # some exact zeros and a zero block
+        x.view(-1)[: x.numel() // 3] = 0.0
+    return x
+
+
+formats = st.builds(
+    BFP,
+    bits=st.integers(2, 16),
+    block=st.sampled_from(BLOCKS),
+    rounding=st.sampled_from(["nearest", "stochastic"]),
+)
+
+
+def step_sizes(x: torch.Tensor, fmt: BFP) -> torch.Tensor:
+    """One LSB per element, from the reference formula (independent of the implementation)."""
+    flat = x.reshape(-1).double()
+    steps, start = [], 0
+    for count, size in block_layout(tuple(x.shape), fmt.block):
+        for _ in range(count):
+            largest = flat[start : start + size].abs().max().item()
+            exp = max(math.floor(math.log2(largest)), -126) if largest > 0 else -126
+            steps.append(torch.full((size,), 2.0 ** (exp - (fmt.bits - 2)), dtype=torch.float64))
+            start += size
+    return torch.cat(steps).view(x.shape) if steps else torch.empty(x.shape, dtype=torch.float64)
+
+
+@given(tensors(), formats)
+def test_values_land_on_the_block_grid_within_the_symmetric_range(x, fmt) -> None:
+    q = quantize(x, fmt, torch.Generator().manual_seed(1))
+    codes = q.double() / step_sizes(x, fmt)
+    assert torch.equal(codes, codes.round())
+    assert codes.abs().max() <= fmt.max_code
+
+
+@given(tensors(), st.integers(2, 16), st.sampled_from(BLOCKS))
+def test_nearest_error_is_half_a_step_except_at_the_top_clamp(x, bits, block) -> None:
+    fmt = BFP(bits, block, "nearest")
+    step = step_sizes(x, fmt)
+    err = (quantize(x, fmt).double() - x.double()).abs() / step
+    clamped = (x.double() / step).abs() > fmt.max_code
+    assert (err[~clamped] <= 0.5).all()
+    assert (err[clamped] < 1.0).all()
+
+
+@given(tensors(), st.integers(2, 16), st.sampled_from(BLOCKS))
+def test_stochastic_error_is_below_one_step(x, bits, block) -> None:
+    fmt = BFP(bits, block, "stochastic")
+    step = step_sizes(x, fmt)
+    err = (quantize(x, fmt, torch.Generator().manual_seed(3)).double() - x.double()).abs()
+    assert (err < step).all()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 12, 16])
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.91, 0.004])
+def test_stochastic_rounding_is_unbiased(bits: int, fraction: float) -> None:
+    # A block whose maximum fixes the step to 1 / 2**(bits-2); the rest sit between steps.
+    n = 400_000
+    step = 2.0 ** -(bits - 2)
+    x = torch.full((n,), fraction * step)
+    x[0] = 1.0
+    q = quantize(x, BFP(bits, "tensor", "stochastic"), torch.Generator().manual_seed(bits))
+    mean_steps = (q[1:].double().mean() / step).item()
+    # Five binomial standard errors of the rounding-up frequency, sqrt(f(1-f)/n).
+    assert abs(mean_steps - fraction) < 5 * math.sqrt(fraction * (1 - fraction) / n) + 1e-5
+
+
+@given(tensors(), formats)
+def test_quantizing_twice_changes_nothing(x, fmt) -> None:
+    q = quantize(x, fmt, torch.Generator().manual_seed(5))
+    assert torch.equal(quantize(q, fmt, torch.Generator().manual_seed(6)), q)
+
+
+def test_negative_block_maximum_does_not_raise_the_exponent() -> None:
+    # Paper's asymmetric range: -1.999 rounds to -2**(b-1) steps = -2.0 and a second pass
+    # changes the other values. The symmetric range keeps it at the top code.
+    x = torch.tensor([-1.999, 0.3])
+    fmt = BFP(4, "tensor", "nearest")
+    q = quantize(x, fmt)
+    assert q.tolist() == [-1.75, 0.25]
+    assert torch.equal(quantize(q, fmt), q)
+
+
+@given(tensors(), formats)
+def test_codes_decode_to_the_quantized_values(x, fmt) -> None:
+    codes, exps = encode_codes(x, fmt, torch.Generator().manual_seed(7))
+    assert codes.dtype == (torch.int8 if fmt.bits <= 8 else torch.int16)
+    assert exps.numel() == num_blocks(tuple(x.shape), fmt.block)
+    decoded = decode_codes(codes, exps, tuple(x.shape), fmt.bits, fmt.block)
+    assert torch.equal(decoded, quantize(x, fmt, torch.Generator().manual_seed(7)))
+
+
+def test_same_generator_seed_gives_the_same_stochastic_result() -> None:
+    x = torch.randn(300, 500)
+    fmt = BFP(6, "row", "stochastic")
+    a = quantize(x, fmt, torch.Generator().manual_seed(11))
+    b = quantize(x, fmt, torch.Generator().manual_seed(11))
+    c = quantize(x, fmt, torch.Generator().manual_seed(12))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_all_zero_blocks_stay_exactly_zero() -> None:
+    x = torch.zeros(4, 8)
+    x[1] = torch.linspace(-1, 1, 8)
+    for rounding in ("nearest", "stochastic"):
+        q = quantize(x, BFP(8, "row", rounding))
+        assert torch.equal(q[[0, 2, 3]], torch.zeros(3, 8))
+
+
+def test_tiny_and_huge_magnitudes_stay_exact_down_to_the_smallest_step() -> None:
+    # The exponent floor is -126, so at 16 bits the smallest step is 2**-140.
+    x = torch.tensor([2.0**-140, 3.0 * 2.0**-135, 2.0**127, -(2.0**120), 1.5 * 2.0**-126])
+    for value in x:
+        block = value.reshape(1)
+        assert torch.equal(quantize(block, BFP(16, "tensor", "nearest")), block)
+    below = torch.tensor([2.0**-149])
+    assert quantize(below, BFP(16, "tensor", "nearest")).item() == 0.0
+
+
+def test_block_layout_counts_match_the_documentation() -> None:
+    assert num_blocks((128, 64, 3, 3), "row") == 128
+    assert num_blocks((128, 64, 3, 3), "kernel") == 128 * 64
+    assert num_blocks((10, 2048), "kernel") == 10 * 2048  # per element, as the paper's "BC"
+    assert num_blocks((128,), "row") == 1
+    assert num_blocks((128,), "kernel") == 1
+    assert num_blocks((100,), 32) == 4
+    assert num_blocks((0, 5), "row") == 0
+
+
+def test_other_float_dtypes_keep_their_dtype_and_shape() -> None:
+    x = torch.randn(3, 5, dtype=torch.float64)
+    q = quantize(x, BFP(8, "row", "nearest"))
+    assert q.dtype == torch.float64 and q.shape == x.shape
+    assert torch.equal(q, quantize(x.float(), BFP(8, "row", "nearest")).double())
+
+
+def test_in_place_quantize_matches_out_of_place() -> None:
+    x = torch.randn(70, 1000)
+    fmt = BFP(5, "row", "stochastic")
+    expected = quantize(x, fmt, torch.Generator().manual_seed(2))
+    assert torch.equal(quantize_(x, fmt, torch.Generator().manual_seed(2)), expected)
+    assert torch.equal(x, expected)
+
+
+def test_large_rows_are_processed_in_column_chunks_the_same_way() -> None:
+    x = torch.randn(2, 200_000)
+    q = quantize(x, BFP(8, "row", "nearest"))
+    step = step_sizes(x, BFP(8, "row", "nearest")).float()
+    assert torch.equal(q, torch.clamp(torch.round(x / step), -127, 127) * step)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_or_inf_is_rejected(bad: float) -> None:
+    x = torch.ones(4, 4)
+    x[2, 3] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize(x, BFP(8))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        encode_codes(x, BFP(8))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"bits": 1}, "bits must be in 2..16"),
+        ({"bits": 17}, "bits must be in 2..16"),
+        ({"bits": 8.0}, "bits must be an int"),
+        ({"bits": True}, "bits must be an int"),
+        ({"bits": 8, "block": "channel"}, "block must be one of"),
+        ({"bits": 8, "block": 0}, "block must be one of"),
+        ({"bits": 8, "block": True}, "block must be one of"),
+        ({"bits": 8, "rounding": "floor"}, "rounding must be"),
+    ],
+)
+def test_bad_formats_are_rejected_with_a_clear_message(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        BFP(**kwargs)
+
+
+def test_integer_tensors_are_not_quantized() -> None:
+    with pytest.raises(TypeError, match="floating"):
+        quantize(torch.arange(4), BFP(8))
