@@ -92,6 +92,17 @@ def test_quantizing_twice_changes_nothing(x, fmt) -> None:
     assert torch.equal(quantize(q, fmt, torch.Generator().manual_seed(6)), q)
 
 
+@pytest.mark.parametrize("bits", [3, 8, 12])
+def test_stochastic_rounding_never_moves_a_value_already_on_the_grid(bits: int) -> None:
+    # Odd codes are where a dither that can reach -1/2 exactly would tie and round to even.
+    fmt = BFP(bits, "tensor", "stochastic")
+    codes = torch.arange(-fmt.max_code, fmt.max_code + 1, 2).repeat(2_000_000 // fmt.max_code)
+    grid = codes.float() * 2.0 ** -(bits - 2)
+    assert torch.equal(quantize(grid, fmt, torch.Generator().manual_seed(0)), grid)
+    out, _ = encode_codes(grid, fmt, torch.Generator().manual_seed(0))
+    assert torch.equal(out.long(), codes)
+
+
 def test_negative_block_maximum_does_not_raise_the_exponent() -> None:
     # Paper's asymmetric range: -1.999 rounds to -2**(b-1) steps = -2.0 and a second pass
     # changes the other values. The symmetric range keeps it at the top code.

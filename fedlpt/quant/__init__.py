@@ -2,6 +2,13 @@
 
 from .bfp import BFP, block_layout, decode_codes, encode_codes, num_blocks, quantize, quantize_
 from .packing import pack_bits, packed_size, unpack_bits
+from .training import (
+    LowPrecision,
+    LowPrecisionOptimizer,
+    prepare,
+    quantize_activation,
+    unprepare,
+)
 from .wire import (
     PayloadError,
     decode_arrays,
@@ -13,6 +20,8 @@ from .wire import (
 
 __all__ = [
     "BFP",
+    "LowPrecision",
+    "LowPrecisionOptimizer",
     "PayloadError",
     "block_layout",
     "decode_arrays",
@@ -23,9 +32,12 @@ __all__ = [
     "num_blocks",
     "pack_bits",
     "packed_size",
+    "prepare",
     "quantize",
     "quantize_",
+    "quantize_activation",
     "serialized_size",
     "to_state_dict",
     "unpack_bits",
+    "unprepare",
 ]

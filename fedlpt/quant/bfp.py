@@ -15,18 +15,20 @@ departures, all documented in the README:
 * exponents are clamped to FP32's normal range ``[-126, 127]`` (SWALP: ``[-128, 127]``),
   which only differs for blocks whose largest magnitude is below ``2**-126``.
 
-Stochastic rounding adds 16 random bits of dither per element, so rounding probabilities
-are exact to ``2**-16`` of a step. Everything runs in chunks small enough to stay in the
+Stochastic rounding adds a dither with 15 random bits per element, so rounding
+probabilities are exact to within ``2**-15``. Everything runs in chunks small enough to stay in the
 CPU cache, which is what makes a chain of plain torch ops fast here.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from math import prod
 from typing import Literal, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,9 +42,12 @@ MAX_BITS = 16
 _BLOCK_NAMES = ("tensor", "row", "kernel")
 # Elements processed per step: 2**16 float32 values (256 KiB) stay in L2 cache, so the
 # five or six passes over a chunk cost about one pass over memory.
-_CHUNK = 1 << 16
-_DITHER_SCALE = 2.0**-16  # an int16 r becomes the dither u = r * 2**-16 + 1/2 + 2**-17,
-_DITHER_OFFSET = 0.5 + 2.0**-17  # uniform on the midpoints of [0, 1) cut in 2**16 steps
+_CHUNK = 1 << 18
+# The dither is an odd int16 r: r * 2**-16 lies strictly inside (-1/2, 1/2), so a value
+# already on the grid never meets a tie, and r * 2**-16 + 1/2 lies strictly inside (0, 1).
+_DITHER_SCALE = 2.0**-16
+_DITHER_OFFSET = 0.5
+_ODD_LANES = np.uint64(0x0001_0001_0001_0001)
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,9 @@ def block_exponents(views: list[Tensor]) -> Tensor:
     """
     parts = []
     for view in views:
+        if view.shape[0] == 1:  # one block (activations): Python scalars beat tiny kernels
+            parts.append(torch.tensor([_scalar_exponent(view)], dtype=torch.int32))
+            continue
         largest = torch.maximum(view.amax(dim=1), view.amin(dim=1).neg())
         if not bool(torch.isfinite(largest).all()):
             raise ValueError("cannot quantize a tensor that contains NaN or Inf")
@@ -155,6 +163,15 @@ def block_exponents(views: list[Tensor]) -> Tensor:
         exps = torch.where(largest > 0, exps, EXPONENT_MIN)
         parts.append(exps.clamp_(EXPONENT_MIN, EXPONENT_MAX).to(torch.int32))
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
+
+
+def _scalar_exponent(view: Tensor) -> int:
+    largest = max(view.max().item(), -view.min().item())
+    if not math.isfinite(largest):
+        raise ValueError("cannot quantize a tensor that contains NaN or Inf")
+    if largest == 0:
+        return EXPONENT_MIN
+    return min(max(math.frexp(largest)[1] - 1, EXPONENT_MIN), EXPONENT_MAX)
 
 
 def _chunks(rows: int, cols: int) -> Iterator[tuple[int, int, int, int]]:
@@ -169,6 +186,59 @@ def _chunks(rows: int, cols: int) -> Iterator[tuple[int, int, int, int]]:
             yield r0, min(r0 + step, rows), 0, cols
 
 
+Factor = Union[Tensor, float]  # noqa: UP007 (runtime alias)
+# Step exponents for which the magic-number rounding is exact and its constants are
+# normal float32 numbers (including ``step * 2**-16``).
+_MAGIC_STEP_EXPONENTS = (-110, 104)
+
+
+def _block_factors(exps: Tensor, bits: int) -> tuple[Factor, Factor | None, Factor]:
+    """Per-block ``(up, up_rest, down)``: grid -> integers is ``x * up * up_rest``,
+    integers -> grid is ``i * down``. Columns ``[B, 1]``, or floats for a single block.
+
+    ``2**(bits - 2 - e)`` exceeds FP32 for tiny blocks at high bit widths, so it is split
+    into two exact factors; ``up_rest`` is None when no block needs the second one.
+    """
+    if exps.numel() == 1:
+        up_exp = bits - 2 - int(exps[0])
+        rest = math.ldexp(1.0, up_exp - EXPONENT_MAX) if up_exp > EXPONENT_MAX else None
+        return math.ldexp(1.0, min(up_exp, EXPONENT_MAX)), rest, math.ldexp(1.0, -up_exp)
+    up_exp = (bits - 2) - exps
+    up_hi = up_exp.clamp(max=EXPONENT_MAX)
+    up_rest = _pow2(up_exp - up_hi).unsqueeze(1) if bool((up_exp > EXPONENT_MAX).any()) else None
+    return _pow2(up_hi).unsqueeze(1), up_rest, _pow2(-up_exp).unsqueeze(1)
+
+
+class _Dither:
+    """Dither of odd int16 values (15 random bits each), reproducible from a torch generator.
+
+    On the CPU it comes from NumPy's SFC64, seeded by one draw from ``generator``: that
+    bit generator makes 64 random bits about twice as fast as torch's MT19937, and the
+    random bits are the largest cost of stochastic rounding.
+    """
+
+    def __init__(self, generator: torch.Generator | None, device: torch.device) -> None:
+        self.generator, self.device = generator, device
+        if device.type == "cpu":
+            seed = torch.randint(0, 2**63 - 1, (1,), generator=generator).item()
+            self.bits = np.random.SFC64(seed)
+
+    def draw(self, count: int) -> Tensor:
+        """``count`` odd int16 values, uniform over [-32767, 32767], as a tensor ``[count]``."""
+        words = (count + 3) // 4
+        if self.device.type == "cpu":
+            raw = self.bits.random_raw(words)
+            raw |= _ODD_LANES
+            return torch.from_numpy(raw.view(np.int16)[:count])
+        lanes = torch.empty(words, dtype=torch.int64, device=self.device)
+        lanes.random_(-(2**63), 2**63 - 1, generator=self.generator).bitwise_or_(0x1_0001_0001_0001)
+        return lanes.view(torch.int16)[:count]
+
+
+def _rows(factor: Factor, b0: int, b1: int) -> Factor:
+    return factor if isinstance(factor, float) else factor[b0:b1]
+
+
 def _round_views(
     src_views: list[Tensor],
     dst_views: list[Tensor],
@@ -181,42 +251,92 @@ def _round_views(
 
     ``dequantize=True`` writes grid values (float); otherwise the integer codes.
     """
-    step_exp = exps - (fmt.bits - 2)  # exponent of one step (LSB) per block
-    up_exp = -step_exp
-    # 2**up_exp can exceed FP32 for tiny blocks at 16 bits: split it into two factors.
-    up_hi = up_exp.clamp(max=EXPONENT_MAX)
-    up = _pow2(up_hi).unsqueeze(1)
-    up_rest = _pow2(up_exp - up_hi).unsqueeze(1) if bool((up_exp > EXPONENT_MAX).any()) else None
-    down = _pow2(step_exp).unsqueeze(1) if dequantize else None
+    dither = _Dither(generator, exps.device) if fmt.rounding == "stochastic" else None
+    step_exps = (int(exps.min()), int(exps.max())) if exps.numel() else (0, 0)
+    step_exps = (step_exps[0] - (fmt.bits - 2), step_exps[1] - (fmt.bits - 2))
+    if (
+        dequantize
+        and (dither is None or fmt.bits <= 8)
+        and _MAGIC_STEP_EXPONENTS[0] <= step_exps[0]
+        and step_exps[1] <= _MAGIC_STEP_EXPONENTS[1]
+    ):
+        _round_onto_grid(src_views, dst_views, exps, fmt, dither)
+        return
+    up, up_rest, down = _block_factors(exps, fmt.bits)
     limit = float(fmt.max_code)
-    stochastic = fmt.rounding == "stochastic"
-    if stochastic:
-        dither_words = torch.empty(_CHUNK // 4 + 1, dtype=torch.int64, device=exps.device)
     first_block = 0
     for src, dst in zip(src_views, dst_views, strict=True):
         rows, cols = src.shape
         for r0, r1, c0, c1 in _chunks(rows, cols):
             b0, b1 = first_block + r0, first_block + r1
-            y = torch.mul(src[r0:r1, c0:c1], up[b0:b1])
+            y = torch.mul(src[r0:r1, c0:c1], _rows(up, b0, b1))
             if up_rest is not None:
-                y.mul_(up_rest[b0:b1])
-            if stochastic:
-                # floor(y + u), u ~ U(0, 1): split y into floor and fraction first, so the
-                # sum with the dither is exact however large y is.
-                whole = torch.floor(y)
-                y.sub_(whole)
-                count = y.numel()
-                words = dither_words[: (count + 3) // 4]
-                words.random_(-(2**63), 2**63 - 1, generator=generator)
-                dither = words.view(torch.int16)[:count].view(y.shape)
-                y.add_(dither, alpha=_DITHER_SCALE).add_(_DITHER_OFFSET).floor_().add_(whole)
+                y.mul_(_rows(up_rest, b0, b1))
+            if dither is not None:
+                noise = dither.draw(y.numel()).view(y.shape)
+                if fmt.bits <= 8:
+                    # |y| < 2**7, so y + r * 2**-16 is exact in float32: round it.
+                    y.add_(noise, alpha=_DITHER_SCALE).round_()
+                else:
+                    # Wider codes leave fewer fraction bits: floor(frac(y) + u) + floor(y).
+                    whole = torch.floor(y)
+                    y.sub_(whole).add_(noise, alpha=_DITHER_SCALE).add_(_DITHER_OFFSET)
+                    y.floor_().add_(whole)
             else:
                 y.round_()
             y.clamp_(-limit, limit)
-            if down is not None:
-                torch.mul(y, down[b0:b1], out=dst[r0:r1, c0:c1])
+            if dequantize:
+                torch.mul(y, _rows(down, b0, b1), out=dst[r0:r1, c0:c1])
             else:
                 dst[r0:r1, c0:c1].copy_(y)
+        first_block += rows
+
+
+def _round_onto_grid(
+    src_views: list[Tensor],
+    dst_views: list[Tensor],
+    exps: Tensor,
+    fmt: BFP,
+    dither: _Dither | None,
+) -> None:
+    """Fast path of :func:`_round_views` for grid values: round in value units.
+
+    Adding ``1.5 * 2**23 * step`` leaves exactly the multiples of ``step`` representable,
+    so one add and one subtract round to the grid (ties to even) with no scaling passes;
+    the dither ``r * step * 2**-16`` is added first, exactly for ``bits <= 8``.
+    """
+    if exps.numel() == 1:
+        step_exp = int(exps[0]) - (fmt.bits - 2)
+        step: Factor = math.ldexp(1.0, step_exp)
+        magic: Factor = math.ldexp(1.5, step_exp + 23)
+        top: Factor = fmt.max_code * step
+    else:
+        step_exps = exps - (fmt.bits - 2)
+        step = _pow2(step_exps).unsqueeze(1)
+        magic = _pow2(step_exps + 23).unsqueeze(1).mul_(1.5)
+        top = step * fmt.max_code
+    first_block = 0
+    for src, dst in zip(src_views, dst_views, strict=True):
+        rows, cols = src.shape
+        for r0, r1, c0, c1 in _chunks(rows, cols):
+            b0, b1 = first_block + r0, first_block + r1
+            x, out = src[r0:r1, c0:c1], dst[r0:r1, c0:c1]
+            row_magic = _rows(magic, b0, b1)
+            if dither is not None:
+                noise = dither.draw(x.numel()).view(x.shape)
+                if isinstance(step, float):
+                    torch.add(x, noise, alpha=step * _DITHER_SCALE, out=out)
+                else:
+                    torch.addcmul(x, noise, step[b0:b1], value=_DITHER_SCALE, out=out)
+                out.add_(row_magic)
+            else:
+                torch.add(x, row_magic, out=out)
+            out.sub_(row_magic)
+            if isinstance(top, float):
+                out.clamp_(-top, top)
+            else:
+                row_top = top[b0:b1]
+                torch.clamp(out, min=-row_top, max=row_top, out=out)
         first_block += rows
 
 
