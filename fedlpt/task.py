@@ -63,7 +63,8 @@ def train(
     The model is prepared with activation/error quantizers for the duration of the call
     and left plain afterwards. ``seed`` seeds stochastic rounding. ``optimizer_state``
     (from a previous call) resumes the optimizer, as the paper keeps each client's Adam
-    moments across rounds. Returns the result and the optimizer's new state dict.
+    moments across rounds (only its ``"state"`` entry is used). Returns the result and the
+    optimizer's new state dict.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -75,7 +76,8 @@ def train(
     )
     inner = make_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum)
     if optimizer_state is not None:
-        inner.load_state_dict(optimizer_state)
+        # Resume the per-parameter state; hyperparameters come from this call.
+        inner.load_state_dict({**inner.state_dict(), "state": optimizer_state["state"]})
     opt = LowPrecisionOptimizer(inner, recipe, generator)
     prepare(model, recipe, generator)
     criterion = nn.CrossEntropyLoss()

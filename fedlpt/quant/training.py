@@ -98,6 +98,22 @@ class LowPrecision:
         return all(getattr(self, f.name) is None for f in fields(self))
 
 
+# Modules whose backward does not read their own output, so the quantizer may overwrite
+# it in place and save an allocation (ReLU, Sigmoid and Tanh keep their output).
+_OUTPUT_NOT_SAVED: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Linear,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+)
+
+
 class _QuantizeActivation(torch.autograd.Function):
     """Identity whose forward rounds the activation and whose backward rounds the error."""
 
@@ -108,22 +124,37 @@ class _QuantizeActivation(torch.autograd.Function):
         activation: BFP | None,
         error: BFP | None,
         generator: torch.Generator | None,
+        in_place: bool,
     ) -> Tensor:
         ctx.error, ctx.generator = error, generator
-        return quantize(x, activation, generator) if activation is not None else x.clone()
+        if activation is None:
+            return x.view_as(x)
+        if in_place and x.dtype == torch.float32 and x.is_contiguous():
+            ctx.mark_dirty(x)
+            return quantize_(x, activation, generator)
+        return quantize(x, activation, generator)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
+        # Out of place: autograd may hand the same gradient tensor to several branches.
         if ctx.error is not None:
             grad = quantize(grad, ctx.error, ctx.generator)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def quantize_activation(
-    x: Tensor, activation: BFP | None, error: BFP | None, generator: torch.Generator | None = None
+    x: Tensor,
+    activation: BFP | None,
+    error: BFP | None,
+    generator: torch.Generator | None = None,
+    *,
+    in_place: bool = False,
 ) -> Tensor:
-    """``x`` rounded to ``activation``; its gradient is rounded to ``error`` on the way back."""
-    return _QuantizeActivation.apply(x, activation, error, generator)
+    """``x`` rounded to ``activation``; its gradient is rounded to ``error`` on the way back.
+
+    ``in_place=True`` overwrites ``x`` (only where nothing else needs its old value).
+    """
+    return _QuantizeActivation.apply(x, activation, error, generator, in_place)
 
 
 def prepare(
@@ -141,7 +172,8 @@ def prepare(
         activation, error = recipe.activation, recipe.error
 
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            return quantize_activation(output, activation, error, generator)
+            in_place = isinstance(module, _OUTPUT_NOT_SAVED)
+            return quantize_activation(output, activation, error, generator, in_place=in_place)
 
         for module in model.modules():
             if isinstance(module, QUANTIZED_MODULES):

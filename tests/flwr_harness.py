@@ -1,0 +1,764 @@
+"""Hermetic helpers to run a Flower (flwr 1.41) app end to end from pytest.
+
+This module contains no tests. It starts real Flower processes on free ports,
+with a private ``FLWR_HOME`` and a private Ray temp dir, drives them with the
+real ``flwr run`` CLI, and stops every process it started (by PID) on exit,
+even when the test body raises.
+
+Two runtimes are supported:
+
+* :func:`simulation_superlink` -- ``flower-superlink --simulation``. Each
+  ``flwr run`` executes as a ``flwr-simulation`` process (ServerApp in-process,
+  ClientApps in Ray actors) launched by a ``flower-superexec`` that the
+  SuperLink spawns itself.
+* :func:`deployment_federation` -- a ``flower-superlink`` plus N
+  ``flower-supernode`` processes. The ServerApp runs as ``flwr-serverapp`` (child
+  of the SuperLink's SuperExec); each ClientApp runs as ``flwr-clientapp``
+  (child of the SuperNode's SuperExec).
+
+How 1.41 is wired (facts this module relies on):
+
+* The SuperLink serves the Control, Fleet and Runtime APIs over ONE HTTP port
+  (``--host``/``--port``, default 127.0.0.1:8000); ``/health`` answers 200 when
+  it is up. ``--control-api-address``/``--fleet-api-address`` are deprecated.
+* The CLI reads SuperLink connections from ``$FLWR_HOME/config.toml``
+  (``[superlink.<name>]`` with ``address`` and ``insecure``). If that file does
+  not exist, ``flwr`` creates one whose default connection is ``:local:``, which
+  lazily spawns a *detached* SuperLink on 127.0.0.1:39091 that outlives the
+  command. We always write ``config.toml`` first and pass the connection name.
+* Simulation size/resources are per-run ``--federation-config`` overrides
+  (``num-supernodes``, ``client-resources-num-cpus`` (int!),
+  ``client-resources-num-gpus``, ``init-args-num-cpus``, ...). The old
+  ``options.*`` keys in ``config.toml`` still work but are deprecated.
+* SuperLink/SuperNode launch helper processes by bare name (``flower-superexec``,
+  ``flwr-simulation``, ``flwr-serverapp``, ``flwr-clientapp``), so the venv's
+  ``bin`` directory must be first on ``PATH``.
+* The app is shipped as a FAB and unpacked to ``$FLWR_HOME/apps/<pub>.<name>.
+  <version>.<hash8>/``; that dir is put first on ``sys.path`` so the app's
+  package is imported from the FAB copy (only ``*.py``/``*.toml``/``*.md``/
+  ``*.json``/``*.yaml`` files not excluded by ``.gitignore``). With dependency
+  installation disabled, third-party deps come from the current venv.
+* ServerApp (and, in simulation, ClientApp) processes inherit the SuperLink's
+  cwd; in deployment, ClientApps inherit their SuperNode's cwd. Relative paths
+  written by an app therefore land in :attr:`FlwrFederation.work_dir`. Prefer
+  passing an absolute output dir through the run config.
+* ``flwr run --stream`` returns when the run's log stream ends, with exit code
+  0 even if the run failed. :func:`flwr_run` therefore also queries
+  ``flwr ls --run-id <id> --format json`` and checks for
+  ``finished:completed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import tomli_w
+
+try:
+    from tomllib import load as tomllib_load
+except ModuleNotFoundError:  # Python 3.10
+    from tomli import load as tomllib_load
+
+#: Ports Flower uses by default; never hand these out.
+RESERVED_PORTS = frozenset({8000, 8080, 9091, 9092, 9093, 9094, 39091, 39093})
+#: Env var (with a unique value) put into every process we start, so that
+#: cleanup can find descendants even after they were re-parented.
+HARNESS_TAG_VAR = "FLWR_HARNESS_TAG"
+#: Name of the SuperLink connection written to ``$FLWR_HOME/config.toml``.
+DEFAULT_CONNECTION = "harness"
+#: Status string of a successful run as reported by ``flwr ls``.
+RUN_COMPLETED = "finished:completed"
+
+_RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
+
+
+class FlwrHarnessError(RuntimeError):
+    """Raised when a Flower process fails to start or a run does not complete."""
+
+
+# --------------------------------------------------------------------------- #
+# Small utilities
+# --------------------------------------------------------------------------- #
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a currently free TCP port on ``host`` (never a Flower default)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in RESERVED_PORTS:
+            return port
+
+
+def flwr_bin_dir() -> Path:
+    """Return the directory holding the ``flwr``/``flower-*`` console scripts."""
+    candidate = Path(sys.executable).parent
+    if (candidate / "flower-superlink").exists():
+        return candidate
+    found = shutil.which("flower-superlink")
+    if found is None:
+        raise FlwrHarnessError("Cannot find `flower-superlink`; is flwr installed?")
+    return Path(found).parent
+
+
+def write_flwr_config(
+    flwr_home: Path,
+    address: str,
+    connection: str = DEFAULT_CONNECTION,
+    *,
+    options: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``flwr_home/config.toml`` with a single insecure SuperLink connection.
+
+    The schema (flwr 1.41) is::
+
+        [superlink]
+        default = "harness"
+
+        [superlink.harness]
+        address = "127.0.0.1:PORT"   # the SuperLink's --host:--port
+        insecure = true
+        # optional, deprecated (use `flwr run --federation-config` instead):
+        # options.num-supernodes = 2
+        # options.backend.client-resources.num-cpus = 1
+
+    No ``local`` (``:local:``) connection is written, so the CLI can never
+    spawn its own detached SuperLink on 127.0.0.1:39091.
+    """
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    conn: dict[str, Any] = {"address": address, "insecure": True}
+    if options:
+        conn["options"] = dict(options)
+    doc = {"superlink": {"default": connection, connection: conn}}
+    path = flwr_home / "config.toml"
+    path.write_text(tomli_w.dumps(doc), encoding="utf-8")
+    return path
+
+
+def _short_tmp_dir(prefix: str) -> Path:
+    # Ray puts AF_UNIX sockets under RAY_TMPDIR; those paths must stay < 108 chars,
+    # so do not use pytest's (long) tmp_path here.
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp" if os.path.isdir("/tmp") else None))
+
+
+def _base_env(flwr_home: Path, tag: str, ray_tmp: Path | None) -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("RAY_ADDRESS", HARNESS_TAG_VAR):
+        env.pop(var, None)
+    env.update(
+        {
+            "PATH": f"{flwr_bin_dir()}{os.pathsep}{env.get('PATH', '')}",
+            "FLWR_HOME": str(flwr_home),
+            HARNESS_TAG_VAR: tag,
+            "PYTHONUNBUFFERED": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            # Ray: no usage stats, no log dedup (full ClientApp logs), quiet.
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_DISABLE_USAGE_STATS": "1",
+            "RAY_DEDUP_LOGS": "0",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        }
+    )
+    if ray_tmp is not None:
+        env["RAY_TMPDIR"] = str(ray_tmp)
+    return env
+
+
+# --------------------------------------------------------------------------- #
+# Process management
+# --------------------------------------------------------------------------- #
+@dataclass
+class ManagedProcess:
+    """A process started by this harness (in its own session/process group)."""
+
+    name: str
+    args: list[str]
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    _log_file: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        """PID (== process group id, since it is started with a new session)."""
+        return self.popen.pid
+
+    def log_text(self) -> str:
+        """Return the captured stdout+stderr of the process."""
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+
+def _start(
+    name: str, args: Sequence[str], env: Mapping[str, str], cwd: Path, log_dir: Path
+) -> ManagedProcess:
+    log_path = log_dir / f"{name}.log"
+    log_file = log_path.open("ab")
+    popen = subprocess.Popen(
+        list(args),
+        cwd=cwd,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return ManagedProcess(name, list(args), popen, log_path, log_file)
+
+
+@dataclass(frozen=True)
+class _ProcInfo:
+    ppid: int
+    state: str
+    sid: int
+    start: int  # start time in clock ticks since boot: (pid, start) identifies a process
+
+
+def _proc_table() -> dict[int, _ProcInfo]:
+    """Return ``{pid: _ProcInfo}`` for all processes (Linux ``/proc``)."""
+    table: dict[int, _ProcInfo] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        # comm may contain spaces/parens: split after the last ')'.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        table[int(entry)] = _ProcInfo(
+            ppid=int(fields[1]), state=fields[0], sid=int(fields[3]), start=int(fields[19])
+        )
+    return table
+
+
+def _descendants(roots: Sequence[int], table: Mapping[int, _ProcInfo]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, info in table.items():
+        children.setdefault(info.ppid, []).append(pid)
+    found: set[int] = set()
+    stack = list(roots)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _tagged_pids(tag: str) -> set[int]:
+    """PIDs whose environment contains ``FLWR_HARNESS_TAG=<tag>``.
+
+    Not sufficient on its own: processes that rewrite their title with
+    ``setproctitle`` (e.g. ``ray::DashboardAgent``) clobber ``/proc/PID/environ``.
+    """
+    needle = f"{HARNESS_TAG_VAR}={tag}".encode()
+    pids: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    pids.add(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+class _ProcessTracker:
+    """Identify every process belonging to a harness-started tree.
+
+    A process is ours if it (a) carries the harness tag in its environment, (b)
+    descends from a started process that has not been reaped yet, (c) was
+    identified before (same PID *and* start time, so recycled PIDs never match),
+    or (d) lives in a session led by one of our processes (SuperLink, SuperExec,
+    SuperNode all call ``setsid``; Ray's processes stay in the SuperExec's
+    session even after being re-parented to init).
+    """
+
+    def __init__(self, procs: Sequence[ManagedProcess], tag: str) -> None:
+        self.procs = procs
+        self.tag = tag
+        self.known: dict[int, int] = {}  # pid -> start time
+
+    def scan(self) -> set[int]:
+        """Return the PIDs of our processes that are still alive (not zombies)."""
+        table = _proc_table()
+        roots = [p.pid for p in self.procs if p.popen.poll() is None]
+        found = set(roots) | _descendants(roots, table) | _tagged_pids(self.tag)
+        found |= {
+            pid for pid, start in self.known.items() if pid in table and table[pid].start == start
+        }
+        # Session S (== PID of its leader) is ours if its leader is ours, or if the
+        # leader is gone: Linux does not re-use PID S while session S has members.
+        sessions = {
+            table[pid].sid
+            for pid in found
+            if pid in table and (table[pid].sid not in table or table[pid].sid in found)
+        }
+        sessions.discard(os.getsid(0))  # never our own (pytest's) session
+        found |= {pid for pid, info in table.items() if info.sid in sessions}
+        found.discard(os.getpid())
+        for pid in found:
+            if pid in table:
+                self.known[pid] = table[pid].start
+        return {pid for pid in found if pid in table and table[pid].state != "Z"}
+
+
+def _signal_pids(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def stop_processes(procs: Sequence[ManagedProcess], tag: str, grace: float = 10.0) -> None:
+    """Stop ``procs`` (in reverse order) and everything they spawned, by PID.
+
+    Each process group gets SIGTERM (graceful: SuperNodes deregister, SuperLink
+    stops its SuperExec) and up to ``grace`` seconds; then every leftover process
+    of the tree (Ray raylet/gcs/agents/workers, flwr-simulation, flwr-serverapp,
+    flwr-clientapp, ...; see :class:`_ProcessTracker`) gets SIGKILL.
+    """
+    tracker = _ProcessTracker(procs, tag)
+    tracker.scan()  # snapshot the intact tree before anything is re-parented
+    for proc in reversed(procs):
+        if proc.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=grace)
+        tracker.scan()
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and tracker.scan():
+        time.sleep(0.2)
+    for _ in range(5):
+        leftover = tracker.scan()
+        if not leftover:
+            break
+        _signal_pids(leftover, signal.SIGKILL)
+        time.sleep(0.5)
+    for proc in procs:
+        if proc.popen.poll() is None:
+            proc.popen.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(timeout=5)
+        if proc._log_file is not None:
+            proc._log_file.close()
+    still = tracker.scan()
+    if still:
+        raise FlwrHarnessError(f"Processes survived cleanup: {sorted(still)}")
+
+
+def _http_ok(url: str, timeout: float = 0.5) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _wait_until(
+    ready: Callable[[], bool], proc: ManagedProcess, timeout: float, fed: FlwrFederation
+) -> None:
+    """Poll ``ready()`` until true; fail fast if ``proc`` dies, or on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        if proc.popen.poll() is not None:
+            raise FlwrHarnessError(
+                f"{proc.name} exited with code {proc.popen.returncode}\n{fed.logs()}"
+            )
+        time.sleep(0.2)
+    raise FlwrHarnessError(f"{proc.name} not ready after {timeout:.0f}s\n{fed.logs()}")
+
+
+# --------------------------------------------------------------------------- #
+# Federations
+# --------------------------------------------------------------------------- #
+@dataclass
+class FlwrFederation:
+    """A running SuperLink (plus SuperNodes in deployment mode)."""
+
+    mode: str  # "simulation" | "deployment"
+    connection: str  # SuperLink connection name in $FLWR_HOME/config.toml
+    address: str  # SuperLink HTTP address host:port (Control+Fleet+Runtime API)
+    flwr_home: Path
+    work_dir: Path  # cwd of SuperLink => cwd of ServerApp (and sim ClientApps)
+    log_dir: Path
+    env: dict[str, str]
+    tag: str
+    #: Per-run ``--federation-config`` values (simulation only).
+    federation_config: dict[str, Any] = field(default_factory=dict)
+    processes: list[ManagedProcess] = field(default_factory=list)
+    supernode_work_dirs: list[Path] = field(default_factory=list)
+
+    def logs(self, max_chars: int = 20_000) -> str:
+        """All captured process logs (each truncated to its last ``max_chars``)."""
+        parts = []
+        for proc in self.processes:
+            text = proc.log_text()
+            if len(text) > max_chars:
+                text = "...[truncated]...\n" + text[-max_chars:]
+            parts.append(f"===== {proc.name} (pid {proc.pid}) log =====\n{text}")
+        return "\n".join(parts)
+
+
+@contextlib.contextmanager
+def _federation_scope(
+    flwr_home: Path, log_dir: Path | None, work_dir: Path | None, use_ray: bool
+) -> Iterator[tuple[Path, Path, str, dict[str, str]]]:
+    flwr_home = Path(flwr_home).resolve()
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(log_dir or flwr_home / "logs").resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(work_dir or flwr_home / "work").resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ray_tmp = _short_tmp_dir("flwr-ray-") if use_ray else None
+    tag = uuid.uuid4().hex
+    try:
+        yield log_dir, work_dir, tag, _base_env(flwr_home, tag, ray_tmp)
+    finally:
+        if ray_tmp is not None:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _start_superlink(
+    fed: FlwrFederation, port: int, simulation: bool, startup_timeout: float
+) -> None:
+    args = [
+        str(flwr_bin_dir() / "flower-superlink"),
+        "--insecure",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+    if simulation:
+        args.append("--simulation")
+    proc = _start("superlink", args, fed.env, fed.work_dir, fed.log_dir)
+    fed.processes.append(proc)
+    health_url = f"http://{fed.address}/health"
+    _wait_until(lambda: _http_ok(health_url), proc, startup_timeout, fed)
+
+
+@contextlib.contextmanager
+def simulation_superlink(
+    flwr_home: Path,
+    num_supernodes: int = 2,
+    *,
+    client_num_cpus: int = 1,
+    client_num_gpus: float = 0.0,
+    ray_num_cpus: int | None = None,
+    log_dir: Path | None = None,
+    work_dir: Path | None = None,
+    connection: str = DEFAULT_CONNECTION,
+    startup_timeout: float = 60.0,
+) -> Iterator[FlwrFederation]:
+    """Start ``flower-superlink --simulation`` on a free port; stop it on exit.
+
+    ``num_supernodes`` and the per-ClientApp resources are not SuperLink flags
+    in 1.41; they are sent with every :func:`flwr_run` as
+    ``--federation-config`` (see :attr:`FlwrFederation.federation_config`).
+    ``client_num_cpus`` must be an int (proto field is int32; the 1.41 default
+    is 2 CPUs per ClientApp, i.e. only one ClientApp at a time on 2 cores).
+    ``ray_num_cpus`` caps the CPUs Ray sees (``init-args-num-cpus``).
+    """
+    with _federation_scope(flwr_home, log_dir, work_dir, use_ray=True) as scope:
+        log_dir_, work_dir_, tag, env = scope
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        fed_cfg: dict[str, Any] = {
+            "num-supernodes": int(num_supernodes),
+            "client-resources-num-cpus": int(client_num_cpus),
+            "client-resources-num-gpus": float(client_num_gpus),
+        }
+        if ray_num_cpus is not None:
+            fed_cfg["init-args-num-cpus"] = int(ray_num_cpus)
+        fed = FlwrFederation(
+            mode="simulation",
+            connection=connection,
+            address=address,
+            flwr_home=Path(env["FLWR_HOME"]),
+            work_dir=work_dir_,
+            log_dir=log_dir_,
+            env=env,
+            tag=tag,
+            federation_config=fed_cfg,
+        )
+        write_flwr_config(fed.flwr_home, address, connection)
+        try:
+            _start_superlink(fed, port, simulation=True, startup_timeout=startup_timeout)
+            yield fed
+        finally:
+            stop_processes(fed.processes, tag)
+
+
+@contextlib.contextmanager
+def deployment_federation(
+    flwr_home: Path,
+    num_supernodes: int = 2,
+    node_configs: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    log_dir: Path | None = None,
+    work_dir: Path | None = None,
+    connection: str = DEFAULT_CONNECTION,
+    startup_timeout: float = 60.0,
+) -> Iterator[FlwrFederation]:
+    """Start a SuperLink + ``num_supernodes`` SuperNodes (insecure, free ports).
+
+    ``node_configs[i]`` becomes SuperNode i's ``--node-config`` (TOML values,
+    e.g. ``{"partition-id": 0, "num-partitions": 2}``); by default each node gets
+    ``partition-id=i num-partitions=num_supernodes``. Each SuperNode has its own
+    Runtime (ClientAppIo) port and its own cwd ``work_dir/supernode-<i>``. The
+    context yields once every SuperNode has logged ``SuperNode ID:``, i.e. is
+    registered and online at the SuperLink.
+    """
+    if node_configs is None:
+        node_configs = [
+            {"partition-id": i, "num-partitions": num_supernodes} for i in range(num_supernodes)
+        ]
+    if len(node_configs) != num_supernodes:
+        raise ValueError("need exactly one node_config per SuperNode")
+    with _federation_scope(flwr_home, log_dir, work_dir, use_ray=False) as scope:
+        log_dir_, work_dir_, tag, env = scope
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        fed = FlwrFederation(
+            mode="deployment",
+            connection=connection,
+            address=address,
+            flwr_home=Path(env["FLWR_HOME"]),
+            work_dir=work_dir_,
+            log_dir=log_dir_,
+            env=env,
+            tag=tag,
+        )
+        write_flwr_config(fed.flwr_home, address, connection)
+        try:
+            _start_superlink(fed, port, simulation=False, startup_timeout=startup_timeout)
+            nodes: list[ManagedProcess] = []
+            for i, node_config in enumerate(node_configs):
+                node_dir = work_dir_ / f"supernode-{i}"
+                node_dir.mkdir(parents=True, exist_ok=True)
+                fed.supernode_work_dirs.append(node_dir)
+                args = [
+                    str(flwr_bin_dir() / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    address,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    format_config_args(node_config),
+                ]
+                proc = _start(f"supernode-{i}", args, env, node_dir, log_dir_)
+                fed.processes.append(proc)
+                nodes.append(proc)
+            for node in nodes:
+                # Logged once the node is registered and activated at the SuperLink.
+                _wait_until(
+                    lambda n=node: "SuperNode ID:" in n.log_text(), node, startup_timeout, fed
+                )
+            yield fed
+        finally:
+            stop_processes(fed.processes, tag)
+
+
+# --------------------------------------------------------------------------- #
+# flwr run
+# --------------------------------------------------------------------------- #
+def format_config_args(values: Mapping[str, Any]) -> str:
+    """Format ``{"k": v}`` as ``'k=v k2="s"'`` (TOML literals) for CLI flags.
+
+    Used for ``--node-config`` and ``--federation-config``. Strings containing
+    whitespace or quotes are fragile in this format; :func:`flwr_run` passes run
+    config through a TOML file instead.
+    """
+    parts = []
+    for key, value in values.items():
+        literal = tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
+        parts.append(f"{key}={literal}")
+    return " ".join(parts)
+
+
+class FlwrRunResult(subprocess.CompletedProcess[str]):
+    """``CompletedProcess`` of ``flwr run`` plus the run id and final run status."""
+
+    run_id: int | None = None
+    #: ``flwr ls`` status, e.g. ``finished:completed`` / ``finished:failed``.
+    status: str | None = None
+    #: e.g. ``"ServerApp failed with exception: ..."`` (``"N/A"`` on success).
+    status_details: str | None = None
+
+
+def run_status(fed: FlwrFederation, run_id: int, timeout: float = 30.0) -> dict[str, Any]:
+    """Return the ``flwr ls <conn> --run-id <id> --format json`` entry of a run."""
+    cmd = [str(flwr_bin_dir() / "flwr"), "ls", fed.connection, "--run-id", str(run_id)]
+    out = subprocess.run(
+        [*cmd, "--format", "json"],
+        env=fed.env,
+        cwd=fed.work_dir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        start_new_session=True,
+    )
+    text = out.stdout
+    try:
+        payload = json.loads(text[text.index("{") : text.rindex("}") + 1])
+        return dict(payload["runs"][0])
+    except (ValueError, KeyError, IndexError) as err:
+        raise FlwrHarnessError(f"cannot parse `flwr ls` output: {text}{out.stderr}") from err
+
+
+def _check_app_dir(app_dir: Path) -> None:
+    pyproject = app_dir / "pyproject.toml"
+    if not pyproject.is_file():
+        raise FlwrHarnessError(f"no pyproject.toml in {app_dir}")
+    with pyproject.open("rb") as fh:
+        config = tomllib_load(fh)
+    if "federations" in config.get("tool", {}).get("flwr", {}):
+        # `flwr run` would migrate it into $FLWR_HOME/config.toml AND rewrite the
+        # app's pyproject.toml (commenting the section out). Refuse instead.
+        raise FlwrHarnessError(
+            f"{pyproject} has [tool.flwr.federations]; flwr 1.41 would rewrite the file. "
+            "Federations live in $FLWR_HOME/config.toml now; remove the section."
+        )
+
+
+def stage_app(app_dir: Path, dest: Path, paths: Sequence[str]) -> Path:
+    """Copy ``pyproject.toml`` + ``paths`` (files/dirs) of an app into ``dest``.
+
+    Optional speed/hermeticity aid: ``flwr run`` walks the *whole* app dir
+    (including ``.venv``) to build the FAB, which takes seconds for a repo root
+    with a venv, and ships whatever ``*.py``/``*.toml``/... files are there.
+    ``__pycache__`` dirs are skipped. Returns ``dest``.
+    """
+    app_dir, dest = Path(app_dir), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for rel in ("pyproject.toml", *paths):
+        src = app_dir / rel
+        if src.is_dir():
+            shutil.copytree(src, dest / rel, ignore=ignore, dirs_exist_ok=True)
+        else:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def flwr_run(
+    app_dir: Path,
+    federation: FlwrFederation,
+    run_config: Mapping[str, Any] | None = None,
+    timeout: float = 600.0,
+    *,
+    federation_config: Mapping[str, Any] | None = None,
+    check: bool = True,
+    extra_args: Sequence[str] = (),
+) -> FlwrRunResult:
+    """Run ``flwr run <app_dir> <connection> --stream`` and wait for the run to end.
+
+    ``FLWR_HOME`` etc. come from ``federation.env``; cwd is ``federation.work_dir``.
+    ``run_config`` overrides are written to a TOML file and passed as
+    ``--run-config <file>.toml`` (keys must exist in ``[tool.flwr.app.config]``,
+    else ``flwr run`` exits 1 with "Invalid run configuration"; the override's
+    TOML type wins, e.g. ``lr=1`` arrives as ``int``). In simulation mode
+    ``--federation-config`` carries ``federation.federation_config`` updated with
+    ``federation_config`` (e.g. ``{"num-supernodes": 4}``).
+
+    Returns a :class:`FlwrRunResult` (stdout and stderr merged in ``stdout``)
+    with ``run_id`` and ``status``. ``flwr run --stream`` itself exits 0 even
+    when the ServerApp raised, so with ``check=True`` this raises
+    :class:`FlwrHarnessError` (with all process logs) on timeout, non-zero exit,
+    or a status other than ``finished:completed``. Note: ClientApp exceptions do
+    NOT fail a run -- the strategy just gets error replies -- so tests should
+    also assert on the app's own outputs.
+    """
+    app_dir = Path(app_dir).resolve()
+    _check_app_dir(app_dir)
+    cmd = [str(flwr_bin_dir() / "flwr"), "run", str(app_dir), federation.connection, "--stream"]
+    fed_cfg = {**federation.federation_config, **(federation_config or {})}
+    if fed_cfg:
+        cmd += ["--federation-config", format_config_args(fed_cfg)]
+    cfg_file: Path | None = None
+    if run_config:
+        fd, name = tempfile.mkstemp(prefix="run-config-", suffix=".toml", dir=federation.log_dir)
+        with os.fdopen(fd, "wb") as fh:
+            tomli_w.dump(dict(run_config), fh)
+        cfg_file = Path(name)
+        cmd += ["--run-config", str(cfg_file)]
+    cmd += list(extra_args)
+
+    proc = subprocess.Popen(
+        cmd,
+        cwd=federation.work_dir,
+        env=federation.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        # The run itself keeps going server-side until the federation is stopped.
+        raise FlwrHarnessError(
+            f"`flwr run` timed out after {timeout:.0f}s: {cmd}\n--- flwr run output ---\n"
+            f"{out}\n{federation.logs()}"
+        ) from None
+    finally:
+        if cfg_file is not None:
+            cfg_file.unlink(missing_ok=True)
+
+    result = FlwrRunResult(cmd, proc.returncode, out, None)
+    match = _RUN_ID_RE.search(out or "")
+    result.run_id = int(match.group(1)) if match else None
+    if result.run_id is not None and proc.returncode == 0:
+        # The log stream can end a moment before the status flips to finished.
+        deadline = time.monotonic() + 30.0
+        while True:
+            info = run_status(federation, result.run_id)
+            result.status = str(info.get("status"))
+            result.status_details = str(info.get("status-details") or "")
+            if result.status.startswith("finished") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    if check and (proc.returncode != 0 or result.status != RUN_COMPLETED):
+        raise FlwrHarnessError(
+            f"`flwr run` failed (rc={proc.returncode}, run_id={result.run_id}, "
+            f"status={result.status}: {result.status_details})\n"
+            f"--- flwr run output ---\n{out}\n{federation.logs()}"
+        )
+    return result

@@ -1,0 +1,125 @@
+"""An in-process Flower Grid for fast, deterministic strategy tests.
+
+It delivers each message to a real ``ClientApp`` in this process, in order, through
+Flower's own object serialization (deflate/inflate), so replies are what a SuperLink
+would hand the strategy. Each node keeps its ``Context`` (and so its state) across rounds.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+ReplyHook = Callable[[int, Message], Message]
+
+
+def _round_trip(message: Message) -> Message:
+    """The message as the receiver rebuilds it from Flower's deflated objects."""
+    objects = get_all_nested_objects(message.content)
+    inflated: dict[str, Any] = {}
+    for object_id, obj in objects.items():  # post-order: children before parents
+        children = {cid: inflated[cid] for cid in _children_ids(obj)}
+        inflated[object_id] = type(obj).inflate(obj.deflate(), children or None)
+    content = inflated[message.content.object_id]
+    return Message(content=content, metadata=message.metadata) if message.has_content() else message
+
+
+def _children_ids(obj: Any) -> list[str]:
+    children = obj.children or {}
+    return list(children)
+
+
+class LocalGrid(Grid):
+    """A Grid whose nodes are ``ClientApp`` calls in this process.
+
+    Args:
+        app: the ClientApp every node runs.
+        node_configs: one node config per node (e.g. partition-id, num-partitions).
+        run_config: the run config all nodes see.
+        reply_hook: optional ``f(node_id, reply) -> reply`` to tamper with replies.
+    """
+
+    def __init__(
+        self,
+        app: ClientApp,
+        node_configs: list[Mapping[str, Any]],
+        run_config: Mapping[str, Any],
+        reply_hook: ReplyHook | None = None,
+    ) -> None:
+        self.app = app
+        self.reply_hook = reply_hook
+        self._run = Run.create_empty(run_id=1)
+        # Messages read the sender's identity from the process, as in a ServerApp process.
+        TaskIdentity.run_id = 1
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        TaskIdentity.task_id = 1
+        self._ids = itertools.count(1)
+        self.contexts = {
+            node_id: Context(
+                run_id=1,
+                node_id=node_id,
+                node_config=dict(config),
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
+            for node_id, config in enumerate(node_configs, start=101)
+        }
+        self._pending: dict[str, Message] = {}
+        self.delivered: list[Message] = []
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(
+            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl
+        )
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            message_id = f"m{next(self._ids)}"
+            message.metadata.__dict__["_message_id"] = message_id
+            self._pending[message_id] = message
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = []
+        for message_id in message_ids:
+            message = _round_trip(self._pending.pop(message_id))
+            self.delivered.append(message)
+            node_id = message.metadata.dst_node_id
+            reply = self.app(message, self.contexts[node_id])
+            if self.reply_hook is not None:
+                reply = self.reply_hook(node_id, reply)
+            replies.append(_round_trip(reply))
+        return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
