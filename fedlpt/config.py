@@ -12,6 +12,7 @@ from .data import dataset_spec
 from .models import build_model
 from .quant import BFP
 from .quant.bfp import check_block
+from .strategy import STRATEGIES
 
 STRATEGY_PREFIX = "strategy."
 
@@ -53,11 +54,15 @@ class AppConfig:
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         params: dict[str, Any] = {}
+        per_strategy: dict[str, dict[str, Any]] = {}
         for key, value in run_config.items():
             if key.startswith(STRATEGY_PREFIX):
                 name = key[len(STRATEGY_PREFIX) :]
                 if name == "name":
                     values["strategy"] = value
+                elif "." in name:  # strategy.<strategy>.<param>: only for that strategy
+                    owner, param = name.split(".", 1)
+                    per_strategy.setdefault(owner, {})[param] = value
                 else:
                     params[name] = value
                 continue
@@ -68,7 +73,14 @@ class AppConfig:
                     f"{sorted(k.replace('_', '-') for k in known if k != 'strategy_params')}"
                 )
             values[attr] = _coerce(key, value, known[attr].default)
-        values["strategy_params"] = params
+        unknown = sorted(set(per_strategy) - set(STRATEGIES))
+        if unknown:
+            raise ConfigError(
+                f"run-config has parameters for unknown strategies {unknown}; "
+                f"known: {sorted(STRATEGIES)}"
+            )
+        chosen = str(values.get("strategy", cls.strategy)).lower()
+        values["strategy_params"] = {**params, **per_strategy.get(chosen, {})}
         if values.get("data_dir") in ("", None):
             values["data_dir"] = None
         block = values.get("block", cls.block)
@@ -121,6 +133,41 @@ class AppConfig:
         """A fresh model for this run's dataset."""
         spec = dataset_spec(self.dataset)
         return build_model(self.model, spec.in_channels, spec.image_size, spec.num_classes)
+
+
+# Declared in pyproject.toml so that `--run-config` / `-c` may override them (Flower only
+# accepts keys it knows); a strategy receives the common keys plus its own sub-table.
+DEFAULT_STRATEGY_PARAMS: dict[str, Any] = {
+    "fraction-train": 1.0,
+    "fraction-evaluate": 0.0,
+    "fedprox.proximal-mu": 0.01,
+    "fedavgm.server-learning-rate": 1.0,
+    "fedavgm.server-momentum": 0.9,
+    "fedadam.eta": 0.01,
+    "fedadam.eta-l": 0.1,
+    "fedadam.tau": 0.001,
+    "fedyogi.eta": 0.01,
+    "fedyogi.eta-l": 0.0316,
+    "fedyogi.tau": 0.001,
+    "fedadagrad.eta": 0.01,
+    "fedadagrad.eta-l": 0.1,
+    "fedadagrad.tau": 0.001,
+    "fedtrimmedavg.beta": 0.2,
+    "krum.num-malicious-nodes": 0,
+}
+
+
+def default_run_config() -> dict[str, Any]:
+    """The defaults as a flat Flower run config (what ``pyproject.toml`` declares)."""
+    config: dict[str, Any] = {}
+    for f in fields(AppConfig):
+        if f.name in ("strategy", "strategy_params"):
+            continue
+        value = f.default
+        config[f.name.replace("_", "-")] = "" if value is None else value
+    config["strategy.name"] = AppConfig.strategy
+    config.update({STRATEGY_PREFIX + k: v for k, v in DEFAULT_STRATEGY_PARAMS.items()})
+    return config
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
 
 from .config import AppConfig
 from .data import load_centralized_test
@@ -15,10 +21,26 @@ from .task import evaluate as evaluate_model
 app = ServerApp()
 
 
+@dataclass
+class RunOutcome:
+    """What a run produced: Flower's Result, the strategy (with its traffic), the recorder."""
+
+    result: Result
+    strategy: QuantizedStrategy
+    recorder: RunRecorder
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Train ``num-server-rounds`` rounds and write the results folder."""
-    cfg = AppConfig.from_run_config(context.run_config)
+    run_server(grid, context.run_config, write_results=True)
+
+
+def run_server(
+    grid: Grid, run_config: Mapping[str, Any], *, write_results: bool = True
+) -> RunOutcome:
+    """The ServerApp's work on any Grid: strategy, centralized evaluation, results."""
+    cfg = AppConfig.from_run_config(run_config)
     strategy = QuantizedStrategy(
         build_strategy(cfg.strategy, cfg.strategy_params),
         upload=cfg.upload_format(),
@@ -26,7 +48,7 @@ def main(grid: Grid, context: Context) -> None:
         ema_decay=cfg.ema_decay if cfg.ema else None,
         ema_start=cfg.ema_start,
     )
-    recorder = RunRecorder(cfg, dict(context.run_config))
+    recorder = RunRecorder(cfg, dict(run_config))
     testloader = load_centralized_test(cfg.dataset, batch_size=256, data_dir=cfg.data_dir)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -36,6 +58,7 @@ def main(grid: Grid, context: Context) -> None:
         recorder.record_round(server_round, accuracy, loss, strategy.traffic.get(server_round))
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
+    torch.manual_seed(cfg.seed)  # the initial global model
     initial = cfg.build_model()
     result = strategy.start(
         grid=grid,
@@ -44,6 +67,8 @@ def main(grid: Grid, context: Context) -> None:
         train_config=ConfigRecord({"local-epochs": cfg.local_epochs}),
         evaluate_fn=evaluate_global,
     )
-    final = cfg.build_model()
-    final.load_state_dict(to_state_dict(result.arrays))
-    recorder.finish(final.state_dict(), result.train_metrics_clientapp)
+    if write_results:
+        final = cfg.build_model()
+        final.load_state_dict(to_state_dict(result.arrays))
+        recorder.finish(final.state_dict(), result.train_metrics_clientapp)
+    return RunOutcome(result, strategy, recorder)

@@ -1,10 +1,15 @@
-"""Shared pytest settings: deterministic hypothesis profile, seeded torch."""
+"""Shared pytest settings: deterministic hypothesis profile, seeded torch, quiet Flower."""
 
+import logging
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/flwr_harness.py
 
 settings.register_profile(
     "fedlpt",
@@ -19,3 +24,8 @@ settings.load_profile("fedlpt")
 @pytest.fixture(autouse=True)
 def _seed_torch() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_flower() -> None:
+    logging.getLogger("flwr").setLevel(logging.WARNING)

@@ -1,15 +1,17 @@
-"""An in-process Flower Grid for fast, deterministic strategy tests.
+"""Run a federation inside one process: deterministic, no Ray, no SuperLink.
 
-It delivers each message to a real ``ClientApp`` in this process, in order, through
-Flower's own object serialization (deflate/inflate), so replies are what a SuperLink
-would hand the strategy. Each node keeps its ``Context`` (and so its state) across rounds.
+``LocalGrid`` delivers each message to a real ``ClientApp`` in this process, in order,
+through Flower's own object serialization (deflate/inflate), so replies are what a
+SuperLink would hand the strategy; each node keeps its ``Context`` (and so its state)
+across rounds. ``simulate`` runs the fedlpt ServerApp logic on it. Tests and benchmarks
+use it; ``flwr run`` uses Flower's simulation engine or real SuperNodes instead.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -18,6 +20,9 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+if TYPE_CHECKING:
+    from .server_app import RunOutcome
 
 ReplyHook = Callable[[int, Message], Message]
 
@@ -29,8 +34,9 @@ def _round_trip(message: Message) -> Message:
     for object_id, obj in objects.items():  # post-order: children before parents
         children = {cid: inflated[cid] for cid in _children_ids(obj)}
         inflated[object_id] = type(obj).inflate(obj.deflate(), children or None)
-    content = inflated[message.content.object_id]
-    return Message(content=content, metadata=message.metadata) if message.has_content() else message
+    if not message.has_content():
+        return message
+    return Message(content=inflated[message.content.object_id], metadata=message.metadata)
 
 
 def _children_ids(obj: Any) -> list[str]:
@@ -123,3 +129,25 @@ class LocalGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+def simulate(
+    run_config: Mapping[str, Any],
+    num_supernodes: int,
+    *,
+    reply_hook: ReplyHook | None = None,
+    write_results: bool = False,
+) -> RunOutcome:
+    """Run the fedlpt ServerApp with ``num_supernodes`` in-process ClientApps.
+
+    ``run_config`` overrides the defaults of ``pyproject.toml`` (flattened keys such as
+    ``"strategy.name"``). Partitions are ``partition-id = 0..N-1`` of ``N``.
+    """
+    from .client_app import app as client_app
+    from .config import default_run_config
+    from .server_app import run_server
+
+    config = {**default_run_config(), **dict(run_config)}
+    nodes = [{"partition-id": i, "num-partitions": num_supernodes} for i in range(num_supernodes)]
+    grid = LocalGrid(client_app, nodes, config, reply_hook=reply_hook)
+    return run_server(grid, config, write_results=write_results)
