@@ -59,7 +59,7 @@ def test_superlink_with_supernodes_accepts_a_heterogeneous_4_bit_device(tmp_path
                 "num-server-rounds": 1,
                 "results-dir": str(results),
                 "strategy.name": "fedprox",
-                "strategy.proximal-mu": 0.01,
+                "strategy.fedprox.proximal-mu": 0.01,
             },
             timeout=600,
         )
