@@ -33,16 +33,7 @@ def train(msg: Message, context: Context) -> Message:
     block = int(block) if str(block).isdigit() else str(block)
 
     model = _model_from(msg, cfg)
-    trainloader, _ = load_partition(
-        cfg.dataset,
-        partition_id,
-        num_partitions,
-        alpha=cfg.alpha,
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
-        data_dir=cfg.data_dir,
-        shuffle_seed=_seed(cfg.seed, server_round, partition_id),
-    )
+    trainloader, _ = _loaders(cfg, partition_id, num_partitions, server_round)
     recipe = LowPrecision.uniform(
         bits,
         block=block,
@@ -90,7 +81,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = AppConfig.from_run_config(context.run_config)
     partition_id, num_partitions = node_partition(context.node_config)
     model = _model_from(msg, cfg)
-    _, testloader = load_partition(
+    _, testloader = _loaders(cfg, partition_id, num_partitions, server_round=0)
+    loss, accuracy, examples = evaluate_model(model, testloader)
+    if not examples:  # every node must reply with the same keys; weight 0 hides these
+        loss, accuracy = 0.0, 0.0
+    metrics = MetricRecord({"num-examples": examples, "eval-loss": loss, "eval-acc": accuracy})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _loaders(cfg: AppConfig, partition_id: int, num_partitions: int, server_round: int):
+    """This node's train/test loaders; the train order is reshuffled every round."""
+    return load_partition(
         cfg.dataset,
         partition_id,
         num_partitions,
@@ -98,12 +99,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         seed=cfg.seed,
         batch_size=cfg.batch_size,
         data_dir=cfg.data_dir,
+        shuffle_seed=_seed(cfg.seed, server_round, partition_id),
     )
-    loss, accuracy, examples = evaluate_model(model, testloader)
-    if not examples:  # every node must reply with the same keys; weight 0 hides these
-        loss, accuracy = 0.0, 0.0
-    metrics = MetricRecord({"num-examples": examples, "eval-loss": loss, "eval-acc": accuracy})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 def _model_from(msg: Message, cfg: AppConfig) -> torch.nn.Module:

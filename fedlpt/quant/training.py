@@ -21,18 +21,9 @@ from torch import Tensor, nn
 from .bfp import BFP, BlockKind, quantize, quantize_
 
 # Modules after which the paper quantizes the activation (and, backwards, the error).
-QUANTIZED_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.Linear,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Sigmoid,
-    nn.Tanh,
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
+_POOLING = (
     nn.AvgPool1d,
     nn.AvgPool2d,
     nn.MaxPool1d,
@@ -40,6 +31,10 @@ QUANTIZED_MODULES: tuple[type[nn.Module], ...] = (
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d,
 )
+QUANTIZED_MODULES: tuple[type[nn.Module], ...] = _WEIGHTED + _ACTIVATIONS + _POOLING
+# Their backward does not read their own output, so the quantizer may overwrite it in place
+# and save an allocation (ReLU, Sigmoid and Tanh keep their output for the backward).
+_OUTPUT_NOT_SAVED: tuple[type[nn.Module], ...] = _WEIGHTED + _POOLING
 
 
 @dataclass(frozen=True)
@@ -96,22 +91,6 @@ class LowPrecision:
     def is_fp32(self) -> bool:
         """Whether no role is quantized."""
         return all(getattr(self, f.name) is None for f in fields(self))
-
-
-# Modules whose backward does not read their own output, so the quantizer may overwrite
-# it in place and save an allocation (ReLU, Sigmoid and Tanh keep their output).
-_OUTPUT_NOT_SAVED: tuple[type[nn.Module], ...] = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.Linear,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-)
 
 
 class _QuantizeActivation(torch.autograd.Function):
