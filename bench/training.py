@@ -145,7 +145,7 @@ def activation_rounding_cost(
 
     def round_all(f: BFP) -> None:
         for tensor in tensors:
-            quantize(tensor, f, gen)
+            quantize(tensor, f, gen, dither_bits=stepper.recipe.dither_bits)
 
     return (
         median_seconds(lambda: round_all(fmt), repeats),
@@ -251,7 +251,8 @@ def main() -> None:
     figures["round_activations_lpt8_nearest_ms"] = round(act_nearest_s * 1e3, 3)
     print(
         f"Rounding the {num_acts} activations of one forward pass ({act_numel / 1e6:.1f} M values, "
-        f"8-bit, one exponent per tensor): {act_s * 1e3:.2f} ms stochastic, "
+        f"8-bit, one exponent per tensor): {act_s * 1e3:.2f} ms stochastic "
+        f"({lpt8.recipe.dither_bits}-bit dither), "
         f"{act_nearest_s * 1e3:.2f} ms nearest; backward rounds errors of the same shapes"
     )
     print()

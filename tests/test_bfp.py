@@ -92,6 +92,24 @@ def test_quantizing_twice_changes_nothing(x, fmt) -> None:
     assert torch.equal(quantize(q, fmt, torch.Generator().manual_seed(6)), q)
 
 
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.91])
+def test_eight_bit_dither_is_unbiased_to_within_its_resolution(fraction: float) -> None:
+    n, step = 400_000, 2.0**-6
+    x = torch.full((n,), fraction * step)
+    x[0] = 1.0
+    fmt = BFP(8, "tensor", "stochastic")
+    q = quantize(x, fmt, torch.Generator().manual_seed(1), dither_bits=8)
+    mean_steps = (q[1:].double().mean() / step).item()
+    # 7 random bits: the rounding probability is within 1/256 of the fraction.
+    assert abs(mean_steps - fraction) < 1 / 256 + 5 * math.sqrt(fraction * (1 - fraction) / n)
+
+
+@pytest.mark.parametrize("bad", [0, 4, 15, 32])
+def test_unsupported_dither_widths_are_rejected(bad: int) -> None:
+    with pytest.raises(ValueError, match="dither_bits must be one of"):
+        quantize(torch.ones(3), BFP(8), dither_bits=bad)
+
+
 @pytest.mark.parametrize("bits", [3, 8, 12])
 def test_stochastic_rounding_never_moves_a_value_already_on_the_grid(bits: int) -> None:
     # Odd codes are where a dither that can reach -1/2 exactly would tie and round to even.
@@ -99,6 +117,7 @@ def test_stochastic_rounding_never_moves_a_value_already_on_the_grid(bits: int) 
     codes = torch.arange(-fmt.max_code, fmt.max_code + 1, 2).repeat(2_000_000 // fmt.max_code)
     grid = codes.float() * 2.0 ** -(bits - 2)
     assert torch.equal(quantize(grid, fmt, torch.Generator().manual_seed(0)), grid)
+    assert torch.equal(quantize(grid, fmt, torch.Generator().manual_seed(0), dither_bits=8), grid)
     out, _ = encode_codes(grid, fmt, torch.Generator().manual_seed(0))
     assert torch.equal(out.long(), codes)
 

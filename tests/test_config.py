@@ -1,9 +1,9 @@
 """Run config: pyproject defaults, presets, overrides, and errors that name the key."""
 
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from flwr.common.config import flatten_dict
 
 from fedlpt.config import AppConfig, ConfigError, default_run_config, node_bits, node_partition

@@ -209,5 +209,7 @@ def test_bad_recipe_and_arguments_are_rejected() -> None:
         train(small_convnet(), batches(1), recipe=LowPrecision(), epochs=0)
     with pytest.raises(ValueError, match="unknown optimizer"):
         train(small_convnet(), batches(1), recipe=LowPrecision(), optimizer="lamb")
+    with pytest.raises(ValueError, match="dither_bits"):
+        LowPrecision(dither_bits=4)
     assert LowPrecision.uniform(32).is_fp32 and LowPrecision.uniform(None).is_fp32
     assert not LowPrecision.uniform(8).is_fp32

@@ -15,9 +15,11 @@ departures, all documented in the README:
 * exponents are clamped to FP32's normal range ``[-126, 127]`` (SWALP: ``[-128, 127]``),
   which only differs for blocks whose largest magnitude is below ``2**-126``.
 
-Stochastic rounding adds a dither with 15 random bits per element, so rounding
-probabilities are exact to within ``2**-15``. Everything runs in chunks small enough to stay in the
-CPU cache, which is what makes a chain of plain torch ops fast here.
+Stochastic rounding adds an odd 16-bit dither per element (15 random bits), so rounding
+probabilities are exact to within ``2**-15``; activations and errors may use an 8-bit
+dither (7 random bits, ``2**-7``), half the random numbers. Everything runs in chunks
+small enough to stay in the CPU cache, which is what makes a chain of plain torch ops fast
+here.
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ _BLOCK_NAMES = ("tensor", "row", "kernel")
 # Elements processed per step: 2**16 float32 values (256 KiB) stay in L2 cache, so the
 # five or six passes over a chunk cost about one pass over memory.
 _CHUNK = 1 << 18
-# The dither is an odd int16 r: r * 2**-16 lies strictly inside (-1/2, 1/2), so a value
-# already on the grid never meets a tie, and r * 2**-16 + 1/2 lies strictly inside (0, 1).
-_DITHER_SCALE = 2.0**-16
+# The dither is an odd integer r of 16 (or 8) bits: r * 2**-16 lies strictly inside
+# (-1/2, 1/2), so a value already on the grid never meets a tie, and r * 2**-16 + 1/2 lies
+# strictly inside (0, 1).
+DITHER_BITS = (8, 16)
 _DITHER_OFFSET = 0.5
-_ODD_LANES = np.uint64(0x0001_0001_0001_0001)
+_ODD_LANES = {16: np.uint64(0x0001_0001_0001_0001), 8: np.uint64(0x0101_0101_0101_0101)}
+_LANE_DTYPES = {16: (np.int16, torch.int16), 8: (np.int8, torch.int8)}
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,8 @@ def block_exponents(views: list[Tensor]) -> Tensor:
 
 
 def _scalar_exponent(view: Tensor) -> int:
-    largest = max(view.max().item(), -view.min().item())
+    low, high = torch.aminmax(view)  # one pass over the data (amax + amin would be two)
+    largest = max(high.item(), -low.item())
     if not math.isfinite(largest):
         raise ValueError("cannot quantize a tensor that contains NaN or Inf")
     if largest == 0:
@@ -210,29 +215,37 @@ def _block_factors(exps: Tensor, bits: int) -> tuple[Factor, Factor | None, Fact
 
 
 class _Dither:
-    """Dither of odd int16 values (15 random bits each), reproducible from a torch generator.
+    """Odd integers of ``bits`` bits (``bits - 1`` random ones), reproducible from a generator.
 
-    On the CPU it comes from NumPy's SFC64, seeded by one draw from ``generator``: that
+    On the CPU they come from NumPy's SFC64, seeded by one draw from ``generator``: that
     bit generator makes 64 random bits about twice as fast as torch's MT19937, and the
     random bits are the largest cost of stochastic rounding.
     """
 
-    def __init__(self, generator: torch.Generator | None, device: torch.device) -> None:
-        self.generator, self.device = generator, device
+    def __init__(
+        self, generator: torch.Generator | None, device: torch.device, bits: int = 16
+    ) -> None:
+        if bits not in DITHER_BITS:
+            raise ValueError(f"dither_bits must be one of {DITHER_BITS}, got {bits!r}")
+        self.generator, self.device, self.lane_bits = generator, device, bits
+        self.scale = 2.0**-bits  # r * scale lies strictly inside (-1/2, 1/2)
         if device.type == "cpu":
             seed = torch.randint(0, 2**63 - 1, (1,), generator=generator).item()
             self.bits = np.random.SFC64(seed)
 
     def draw(self, count: int) -> Tensor:
-        """``count`` odd int16 values, uniform over [-32767, 32767], as a tensor ``[count]``."""
-        words = (count + 3) // 4
+        """``count`` odd values, uniform over ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``."""
+        per_word = 64 // self.lane_bits
+        words = (count + per_word - 1) // per_word
+        np_dtype, torch_dtype = _LANE_DTYPES[self.lane_bits]
         if self.device.type == "cpu":
             raw = self.bits.random_raw(words)
-            raw |= _ODD_LANES
-            return torch.from_numpy(raw.view(np.int16)[:count])
+            raw |= _ODD_LANES[self.lane_bits]
+            return torch.from_numpy(raw.view(np_dtype)[:count])
         lanes = torch.empty(words, dtype=torch.int64, device=self.device)
-        lanes.random_(-(2**63), 2**63 - 1, generator=self.generator).bitwise_or_(0x1_0001_0001_0001)
-        return lanes.view(torch.int16)[:count]
+        lanes.random_(-(2**63), 2**63 - 1, generator=self.generator)
+        lanes.bitwise_or_(int(_ODD_LANES[self.lane_bits].astype(np.int64)))
+        return lanes.view(torch_dtype)[:count]
 
 
 def _rows(factor: Factor, b0: int, b1: int) -> Factor:
@@ -246,12 +259,14 @@ def _round_views(
     fmt: BFP,
     generator: torch.Generator | None,
     dequantize: bool,
+    dither_bits: int = 16,
 ) -> None:
     """Round every block of ``src_views`` onto the grid and write it to ``dst_views``.
 
     ``dequantize=True`` writes grid values (float); otherwise the integer codes.
     """
-    dither = _Dither(generator, exps.device) if fmt.rounding == "stochastic" else None
+    stochastic = fmt.rounding == "stochastic"
+    dither = _Dither(generator, exps.device, dither_bits) if stochastic else None
     step_exps = (int(exps.min()), int(exps.max())) if exps.numel() else (0, 0)
     step_exps = (step_exps[0] - (fmt.bits - 2), step_exps[1] - (fmt.bits - 2))
     if (
@@ -276,11 +291,11 @@ def _round_views(
                 noise = dither.draw(y.numel()).view(y.shape)
                 if fmt.bits <= 8:
                     # |y| < 2**7, so y + r * 2**-16 is exact in float32: round it.
-                    y.add_(noise, alpha=_DITHER_SCALE).round_()
+                    y.add_(noise, alpha=dither.scale).round_()
                 else:
                     # Wider codes leave fewer fraction bits: floor(frac(y) + u) + floor(y).
                     whole = torch.floor(y)
-                    y.sub_(whole).add_(noise, alpha=_DITHER_SCALE).add_(_DITHER_OFFSET)
+                    y.sub_(whole).add_(noise, alpha=dither.scale).add_(_DITHER_OFFSET)
                     y.floor_().add_(whole)
             else:
                 y.round_()
@@ -325,9 +340,9 @@ def _round_onto_grid(
             if dither is not None:
                 noise = dither.draw(x.numel()).view(x.shape)
                 if isinstance(step, float):
-                    torch.add(x, noise, alpha=step * _DITHER_SCALE, out=out)
+                    torch.add(x, noise, alpha=step * dither.scale, out=out)
                 else:
-                    torch.addcmul(x, noise, step[b0:b1], value=_DITHER_SCALE, out=out)
+                    torch.addcmul(x, noise, step[b0:b1], value=dither.scale, out=out)
                 out.add_(row_magic)
             else:
                 torch.add(x, row_magic, out=out)
@@ -348,37 +363,50 @@ def _as_float32_flat(x: Tensor) -> Tensor:
     return x.detach().to(torch.float32).contiguous().view(-1)
 
 
-def quantize(x: Tensor, fmt: BFP, generator: torch.Generator | None = None) -> Tensor:
+def quantize(
+    x: Tensor, fmt: BFP, generator: torch.Generator | None = None, *, dither_bits: int = 16
+) -> Tensor:
     """Fake-quantize ``x`` to ``fmt``: same shape and dtype, values on the BFP grid.
 
     Arithmetic is float32 (inputs of other float dtypes are converted, then back). Not
     differentiable: the result is detached. Stochastic rounding draws from ``generator``
-    (or torch's default generator). Raises ValueError on NaN or Inf.
+    (or torch's default generator) ``dither_bits`` (16 or 8) per element, of which all but
+    one are random: rounding probabilities are exact to ``2**-15`` (or ``2**-7``). Raises
+    ValueError on NaN or Inf.
     """
     flat = _as_float32_flat(x)
     out = torch.empty_like(flat)
-    _quantize_flat(flat, out, tuple(x.shape), fmt, generator)
+    _quantize_flat(flat, out, tuple(x.shape), fmt, generator, dither_bits)
     return out.view(x.shape).to(x.dtype)
 
 
-def quantize_(x: Tensor, fmt: BFP, generator: torch.Generator | None = None) -> Tensor:
+def quantize_(
+    x: Tensor, fmt: BFP, generator: torch.Generator | None = None, *, dither_bits: int = 16
+) -> Tensor:
     """In-place :func:`quantize` of a contiguous float32 tensor; returns ``x``."""
     if x.dtype != torch.float32 or not x.is_contiguous():
         with torch.no_grad():
-            return x.copy_(quantize(x, fmt, generator))
+            return x.copy_(quantize(x, fmt, generator, dither_bits=dither_bits))
     with torch.no_grad():
         flat = x.view(-1)
-        _quantize_flat(flat, flat, tuple(x.shape), fmt, generator)
+        _quantize_flat(flat, flat, tuple(x.shape), fmt, generator, dither_bits)
     return x
 
 
 def _quantize_flat(
-    flat: Tensor, out: Tensor, shape: tuple[int, ...], fmt: BFP, gen: torch.Generator | None
+    flat: Tensor,
+    out: Tensor,
+    shape: tuple[int, ...],
+    fmt: BFP,
+    gen: torch.Generator | None,
+    dither_bits: int = 16,
 ) -> None:
+    if dither_bits not in DITHER_BITS:
+        raise ValueError(f"dither_bits must be one of {DITHER_BITS}, got {dither_bits!r}")
     layout = block_layout(shape, fmt.block)
     src = _block_views(flat, layout)
     exps = block_exponents(src)
-    _round_views(src, _block_views(out, layout), exps, fmt, gen, dequantize=True)
+    _round_views(src, _block_views(out, layout), exps, fmt, gen, True, dither_bits)
 
 
 def encode_codes(

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .bfp import BFP, BlockKind, quantize, quantize_
+from .bfp import BFP, DITHER_BITS, BlockKind, quantize, quantize_
 
 # Modules after which the paper quantizes the activation (and, backwards, the error).
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -47,6 +47,10 @@ class LowPrecision:
         error: format of the back-propagated errors at the same points.
         gradient: format of parameter gradients before the optimizer step.
         optimizer_state: format of optimizer state tensors (momentum, Adam moments).
+        dither_bits: random bits drawn per element when activations and errors are rounded
+            stochastically: 8 (7 random, rounding probabilities exact to 1/128; half the
+            cost) or 16. Weights, gradients and optimizer state always draw 16, because
+            updates far below one step survive only through exact probabilities.
     """
 
     weight: BFP | None = None
@@ -54,11 +58,17 @@ class LowPrecision:
     error: BFP | None = None
     gradient: BFP | None = None
     optimizer_state: BFP | None = None
+    dither_bits: int = 8
 
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            if value is not None and not isinstance(value, BFP):
+            if field.name == "dither_bits":
+                if value not in DITHER_BITS:
+                    raise ValueError(
+                        f"LowPrecision.dither_bits must be one of {DITHER_BITS}, got {value!r}"
+                    )
+            elif value is not None and not isinstance(value, BFP):
                 raise TypeError(f"LowPrecision.{field.name} must be a BFP or None, got {value!r}")
 
     @classmethod
@@ -90,7 +100,7 @@ class LowPrecision:
     @property
     def is_fp32(self) -> bool:
         """Whether no role is quantized."""
-        return all(getattr(self, f.name) is None for f in fields(self))
+        return all(getattr(self, f.name) is None for f in fields(self) if f.name != "dither_bits")
 
 
 class _QuantizeActivation(torch.autograd.Function):
@@ -104,21 +114,22 @@ class _QuantizeActivation(torch.autograd.Function):
         error: BFP | None,
         generator: torch.Generator | None,
         in_place: bool,
+        dither_bits: int,
     ) -> Tensor:
-        ctx.error, ctx.generator = error, generator
+        ctx.error, ctx.generator, ctx.dither_bits = error, generator, dither_bits
         if activation is None:
             return x.view_as(x)
         if in_place and x.dtype == torch.float32 and x.is_contiguous():
             ctx.mark_dirty(x)
-            return quantize_(x, activation, generator)
-        return quantize(x, activation, generator)
+            return quantize_(x, activation, generator, dither_bits=dither_bits)
+        return quantize(x, activation, generator, dither_bits=dither_bits)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:  # type: ignore[override]
         # Out of place: autograd may hand the same gradient tensor to several branches.
         if ctx.error is not None:
-            grad = quantize(grad, ctx.error, ctx.generator)
-        return grad, None, None, None, None
+            grad = quantize(grad, ctx.error, ctx.generator, dither_bits=ctx.dither_bits)
+        return grad, None, None, None, None, None
 
 
 def quantize_activation(
@@ -128,12 +139,14 @@ def quantize_activation(
     generator: torch.Generator | None = None,
     *,
     in_place: bool = False,
+    dither_bits: int = 16,
 ) -> Tensor:
     """``x`` rounded to ``activation``; its gradient is rounded to ``error`` on the way back.
 
-    ``in_place=True`` overwrites ``x`` (only where nothing else needs its old value).
+    ``in_place=True`` overwrites ``x`` (only where nothing else needs its old value);
+    ``dither_bits`` is passed to :func:`quantize`.
     """
-    return _QuantizeActivation.apply(x, activation, error, generator, in_place)
+    return _QuantizeActivation.apply(x, activation, error, generator, in_place, dither_bits)
 
 
 def prepare(
@@ -148,11 +161,13 @@ def prepare(
         raise ValueError("model is already prepared for low-precision training")
     handles = []
     if recipe.activation is not None or recipe.error is not None:
-        activation, error = recipe.activation, recipe.error
+        activation, error, dither_bits = recipe.activation, recipe.error, recipe.dither_bits
 
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
             in_place = isinstance(module, _OUTPUT_NOT_SAVED)
-            return quantize_activation(output, activation, error, generator, in_place=in_place)
+            return quantize_activation(
+                output, activation, error, generator, in_place=in_place, dither_bits=dither_bits
+            )
 
         for module in model.modules():
             if isinstance(module, QUANTIZED_MODULES):
