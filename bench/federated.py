@@ -58,8 +58,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default 60)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--plot", default="results/bench_federated.png")
+    parser.add_argument(
+        "--configs",
+        default="",
+        help="comma-separated subset of the grid, e.g. 'fp32,b8_ema' (default: all eight)",
+    )
     args = parser.parse_args()
     rounds = args.rounds or (12 if args.quick else 60)
+    grid = [c for c in GRID if not args.configs or _name(*c) in args.configs.split(",")]
+    if not any(bits == 32 and not ema for bits, ema in grid) or not any(b == 8 for b, _ in grid):
+        parser.error("--configs must include fp32 and an 8-bit configuration")
     base = {"dataset": "digits", "alpha": 0.3, "num-server-rounds": rounds, "batch-size": 32}
 
     jobs = [
@@ -90,11 +98,11 @@ def main() -> None:
     runs = [r for r in results if not r.get("downlink")]
     downlink_run = next(r for r in results if r.get("downlink"))
     rows, figures, curves = [], {}, {}
-    for bits, ema in GRID:
+    for bits, ema in grid:
         group = [r for r in runs if r["bits"] == bits and r["ema"] == ema]
         accs = [100 * r["last5"] for r in group]
         mean = statistics.mean(accs)
-        name = ("fp32" if bits == 32 else f"b{bits}") + ("_ema" if ema else "")
+        name = _name(bits, ema)
         figures[f"acc_{name}"] = round(mean, 2)
         curves[name] = [
             statistics.mean(c) for c in zip(*(r["accuracy"] for r in group), strict=True)
@@ -111,7 +119,7 @@ def main() -> None:
                 sum(r["seconds"] for r in group),
             ]
         )
-    fp32 = next(r for r in runs if r["bits"] == 32)
+    fp32 = next(r for r in runs if r["bits"] == 32 and not r["ema"])
     b8 = next(r for r in runs if r["bits"] == 8)
     figures["upload_ratio_b8"] = round(fp32["bytes_up"] / b8["bytes_up"], 3)
     figures["round_ratio_b8"] = round(
@@ -148,6 +156,10 @@ def main() -> None:
     _plot(curves, Path(args.plot), rounds)
     print(f"plot: {args.plot}; wall time {wall:.0f} s with {args.jobs} worker(s)")
     print_json(figures)
+
+
+def _name(bits: int, ema: bool) -> str:
+    return ("fp32" if bits == 32 else f"b{bits}") + ("_ema" if ema else "")
 
 
 def _plot(curves: dict[str, list[float]], path: Path, rounds: int) -> None:

@@ -10,7 +10,7 @@ from flwr.clientapp import ClientApp
 
 from .config import AppConfig, node_bits, node_partition
 from .data import load_partition
-from .quant import BFP, LowPrecision, encode_arrays, serialized_size, to_state_dict
+from .quant import LowPrecision, encode_arrays, serialized_size, to_state_dict
 from .strategy import CONFIG_BITS, CONFIG_BLOCK, CONFIG_ROUNDING
 from .task import evaluate as evaluate_model
 from .task import train as train_model
@@ -59,10 +59,9 @@ def train(msg: Message, context: Context) -> Message:
     state = model.state_dict()
     if recipe.weight is None:
         arrays = ArrayRecord(state)
-    else:
-        upload = BFP(bits, block, rounding)  # the weights already sit on this grid
+    else:  # the weights already sit on this grid: only buffers, if any, are rounded here
         generator = torch.Generator().manual_seed(_seed(cfg.seed, server_round, partition_id))
-        arrays = encode_arrays(state, upload, generator)
+        arrays = encode_arrays(state, recipe.weight, generator)
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,

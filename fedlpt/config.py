@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 class AppConfig:
     """Every run-config key fedlpt reads (kebab-case in TOML, snake_case here)."""
 
-    num_server_rounds: int = 10
+    num_server_rounds: int = 100
     dataset: str = "digits"
     data_dir: str | None = None
     model: str = "convnet"

@@ -42,7 +42,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "qfedavg": flwr_strategies.QFedAvg,
 }
 
-# Keys the wrapper adds to every train/evaluate ConfigRecord; the ClientApp reads them.
+# Keys the wrapper adds to every train ConfigRecord; the ClientApp reads them.
 CONFIG_BITS = "fedlpt.bits"  # 32 means FP32 upload
 CONFIG_BLOCK = "fedlpt.block"
 CONFIG_ROUNDING = "fedlpt.rounding"
