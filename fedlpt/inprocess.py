@@ -29,19 +29,14 @@ ReplyHook = Callable[[int, Message], Message]
 
 def _round_trip(message: Message) -> Message:
     """The message as the receiver rebuilds it from Flower's deflated objects."""
-    objects = get_all_nested_objects(message.content)
-    inflated: dict[str, Any] = {}
-    for object_id, obj in objects.items():  # post-order: children before parents
-        children = {cid: inflated[cid] for cid in _children_ids(obj)}
-        inflated[object_id] = type(obj).inflate(obj.deflate(), children or None)
-    if not message.has_content():
+    if not message.has_content():  # an error reply carries no records
         return message
+    inflated: dict[str, Any] = {}
+    # Post-order: every object's children are inflated before the object itself.
+    for object_id, obj in get_all_nested_objects(message.content).items():
+        children = {cid: inflated[cid] for cid in obj.children or {}}
+        inflated[object_id] = type(obj).inflate(obj.deflate(), children or None)
     return Message(content=inflated[message.content.object_id], metadata=message.metadata)
-
-
-def _children_ids(obj: Any) -> list[str]:
-    children = obj.children or {}
-    return list(children)
 
 
 class LocalGrid(Grid):

@@ -465,6 +465,31 @@ def _start_superlink(
     _wait_until(lambda: _http_ok(health_url), proc, startup_timeout, fed)
 
 
+def _new_federation(
+    mode: str,
+    connection: str,
+    scope: tuple[Path, Path, str, dict[str, str]],
+    federation_config: dict[str, Any] | None = None,
+) -> tuple[FlwrFederation, int]:
+    """A federation on a free SuperLink port, with its ``config.toml`` written."""
+    log_dir, work_dir, tag, env = scope
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    fed = FlwrFederation(
+        mode=mode,
+        connection=connection,
+        address=address,
+        flwr_home=Path(env["FLWR_HOME"]),
+        work_dir=work_dir,
+        log_dir=log_dir,
+        env=env,
+        tag=tag,
+        federation_config=federation_config or {},
+    )
+    write_flwr_config(fed.flwr_home, address, connection)
+    return fed, port
+
+
 @contextlib.contextmanager
 def simulation_superlink(
     flwr_home: Path,
@@ -488,9 +513,6 @@ def simulation_superlink(
     ``ray_num_cpus`` caps the CPUs Ray sees (``init-args-num-cpus``).
     """
     with _federation_scope(flwr_home, log_dir, work_dir, use_ray=True) as scope:
-        log_dir_, work_dir_, tag, env = scope
-        port = free_port()
-        address = f"127.0.0.1:{port}"
         fed_cfg: dict[str, Any] = {
             "num-supernodes": int(num_supernodes),
             "client-resources-num-cpus": int(client_num_cpus),
@@ -498,23 +520,12 @@ def simulation_superlink(
         }
         if ray_num_cpus is not None:
             fed_cfg["init-args-num-cpus"] = int(ray_num_cpus)
-        fed = FlwrFederation(
-            mode="simulation",
-            connection=connection,
-            address=address,
-            flwr_home=Path(env["FLWR_HOME"]),
-            work_dir=work_dir_,
-            log_dir=log_dir_,
-            env=env,
-            tag=tag,
-            federation_config=fed_cfg,
-        )
-        write_flwr_config(fed.flwr_home, address, connection)
+        fed, port = _new_federation("simulation", connection, scope, fed_cfg)
         try:
             _start_superlink(fed, port, simulation=True, startup_timeout=startup_timeout)
             yield fed
         finally:
-            stop_processes(fed.processes, tag)
+            stop_processes(fed.processes, fed.tag)
 
 
 @contextlib.contextmanager
@@ -544,32 +555,19 @@ def deployment_federation(
     if len(node_configs) != num_supernodes:
         raise ValueError("need exactly one node_config per SuperNode")
     with _federation_scope(flwr_home, log_dir, work_dir, use_ray=False) as scope:
-        log_dir_, work_dir_, tag, env = scope
-        port = free_port()
-        address = f"127.0.0.1:{port}"
-        fed = FlwrFederation(
-            mode="deployment",
-            connection=connection,
-            address=address,
-            flwr_home=Path(env["FLWR_HOME"]),
-            work_dir=work_dir_,
-            log_dir=log_dir_,
-            env=env,
-            tag=tag,
-        )
-        write_flwr_config(fed.flwr_home, address, connection)
+        fed, port = _new_federation("deployment", connection, scope)
         try:
             _start_superlink(fed, port, simulation=False, startup_timeout=startup_timeout)
             nodes: list[ManagedProcess] = []
             for i, node_config in enumerate(node_configs):
-                node_dir = work_dir_ / f"supernode-{i}"
+                node_dir = fed.work_dir / f"supernode-{i}"
                 node_dir.mkdir(parents=True, exist_ok=True)
                 fed.supernode_work_dirs.append(node_dir)
                 args = [
                     str(flwr_bin_dir() / "flower-supernode"),
                     "--insecure",
                     "--superlink",
-                    address,
+                    fed.address,
                     "--host",
                     "127.0.0.1",
                     "--port",
@@ -577,7 +575,7 @@ def deployment_federation(
                     "--node-config",
                     format_config_args(node_config),
                 ]
-                proc = _start(f"supernode-{i}", args, env, node_dir, log_dir_)
+                proc = _start(f"supernode-{i}", args, fed.env, node_dir, fed.log_dir)
                 fed.processes.append(proc)
                 nodes.append(proc)
             for node in nodes:
@@ -587,7 +585,7 @@ def deployment_federation(
                 )
             yield fed
         finally:
-            stop_processes(fed.processes, tag)
+            stop_processes(fed.processes, fed.tag)
 
 
 # --------------------------------------------------------------------------- #

@@ -28,6 +28,7 @@ from typing import cast
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from numpy.lib import format as npy_format
 from torch import Tensor
 
@@ -335,8 +336,6 @@ def serialized_size(record: ArrayRecord | RecordDict) -> int:
     Sums the deflated objects that Flower pushes (record dict, records, arrays, array
     chunks; identical chunks once) plus their 64-character object ids.
     """
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-
     content = record if isinstance(record, RecordDict) else RecordDict({"arrays": record})
     objects = get_all_nested_objects(content)
     return sum(len(obj.deflate()) + len(object_id) for object_id, obj in objects.items())
