@@ -6,23 +6,20 @@ ConvNet's FP32 state dict by the same for the bit-packed record. Speeds time one
 tensor in the same run, median of repeats. A plain chain of torch ops implementing the
 same quantizer (the research code's way) is timed beside it for scale.
 
-    python bench/codec.py [--quick]
+    python -m bench.codec [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median_seconds, print_json, print_table
-
+from bench._common import median_seconds, print_json, print_table
 from fedlpt.models import ConvNet
-from fedlpt.quant import BFP, decode_arrays, encode_arrays, serialized_size
+from fedlpt.quant import BFP
+from fedlpt.quant.wire import decode_arrays, encode_arrays, serialized_size
 
 
 def torch_op_chain(x: torch.Tensor, bits: int, stochastic: bool) -> torch.Tensor:

@@ -7,7 +7,7 @@ the mean centralized test accuracy of the global model over the last 5 rounds. B
 what Flower serializes for transport. Runs go to ``--jobs`` worker processes with one torch
 thread each, so two cores run two federations side by side.
 
-    python bench/federated.py [--quick] [--rounds N] [--jobs J]
+    python -m bench.federated [--quick] [--rounds N] [--jobs J]
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ import argparse
 import logging
 import os
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_json, print_table
+from bench._common import print_json, print_table
 
 SEEDS = (0, 1, 2)
 GRID = [(bits, ema) for bits in (32, 8, 6, 4) for ema in (False, True)]

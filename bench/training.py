@@ -2,7 +2,7 @@
 
 Step time: one full training step (zero_grad, forward, backward, optimizer step) of the
 paper's ConvNet (28x28x1 inputs, batch 32 of random images, Adam lr 1e-3, cross-entropy),
-each recipe's model prepared and its Adam wrapped exactly as ``fedlpt.task.train`` does.
+each recipe's step built by ``fedlpt.task.LocalTrainer``, as ``fedlpt.task.train`` builds it.
 The recipes' steps are timed interleaved (one step of each in turn, the order rotated every
 round, after a warm-up), so that drifting machine load hits all of them alike; medians are
 reported, with the 8-bit step split into its phases against FP32.
@@ -17,29 +17,25 @@ Runs single-threaded by default (``--threads``): torch's intra-op pool of 2 thre
 slows down many times over when another process holds one of the 2 cores, which would
 swamp the comparison.
 
-    python bench/training.py [--quick] [--threads N]
+    python -m bench.training [--quick] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
-from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median_seconds, print_json, print_table
-
+from bench._common import median_seconds, print_json, print_table
 from fedlpt.data import load_centralized_test, load_partition
 from fedlpt.models import ConvNet
-from fedlpt.quant import BFP, encode_arrays, quantize, quantize_, serialized_size
-from fedlpt.quant.training import QUANTIZED_MODULES, LowPrecision, LowPrecisionOptimizer, prepare
-from fedlpt.task import evaluate, train
+from fedlpt.quant import BFP, quantize, quantize_
+from fedlpt.quant.training import QUANTIZED_MODULES, LowPrecision
+from fedlpt.quant.wire import encode_arrays, serialized_size
+from fedlpt.task import LocalTrainer, evaluate, train
 
 BATCH = 32
 LR = 1e-3
@@ -58,28 +54,24 @@ ACC_RECIPES = (
 
 
 class Stepper:
-    """One recipe's ConvNet, wrapped optimizer and loss, set up as ``fedlpt.task.train`` does."""
+    """One recipe's ConvNet and :class:`fedlpt.task.LocalTrainer`, timed phase by phase."""
 
     def __init__(self, bits: int | None, block: str) -> None:
         torch.manual_seed(0)
         self.model = ConvNet(in_channels=1, num_classes=10, image_size=28)
         self.recipe = LowPrecision.uniform(bits, block=block)  # type: ignore[arg-type]
         generator = torch.Generator().manual_seed(0)
-        inner = torch.optim.Adam(self.model.parameters(), lr=LR)
-        self.opt = LowPrecisionOptimizer(inner, self.recipe, generator)
-        prepare(self.model, self.recipe, generator)
-        self.model.train()
-        self.criterion = nn.CrossEntropyLoss()
+        self.trainer = LocalTrainer(self.model, self.recipe, lr=LR, generator=generator)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float]:
         """One training step; seconds of (zero_grad + forward + loss, backward, optimizer step)."""
         t0 = time.perf_counter()
-        self.opt.zero_grad()
-        loss = self.criterion(self.model(images), labels)
+        self.trainer.optimizer.zero_grad()
+        loss = self.trainer.loss(images, labels)
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
-        self.opt.step()
+        self.trainer.optimizer.step()
         t3 = time.perf_counter()
         return t1 - t0, t2 - t1, t3 - t2
 

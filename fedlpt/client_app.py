@@ -10,7 +10,8 @@ from flwr.clientapp import ClientApp
 
 from .config import AppConfig, node_bits, node_partition
 from .data import load_partition
-from .quant import LowPrecision, encode_arrays, serialized_size, to_state_dict
+from .quant import LowPrecision
+from .quant.wire import encode_arrays, serialized_size, to_state_dict
 from .strategy import CONFIG_BITS, CONFIG_BLOCK, CONFIG_ROUNDING
 from .task import evaluate as evaluate_model
 from .task import train as train_model

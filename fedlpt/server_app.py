@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import Result
 
 from .config import AppConfig
 from .data import load_centralized_test
-from .quant import to_state_dict
+from .quant.wire import to_state_dict
 from .results import RunRecorder
 from .strategy import QuantizedStrategy, build_strategy
 from .task import evaluate as evaluate_model

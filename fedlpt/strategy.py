@@ -24,7 +24,8 @@ from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
-from .quant import BFP, PayloadError, encode_arrays, serialized_size, to_state_dict
+from .quant import BFP
+from .quant.wire import PayloadError, encode_arrays, serialized_size, to_state_dict
 
 # Inner strategies selectable by name (``strategy.name`` in the run config).
 STRATEGIES: dict[str, type[Strategy]] = {

@@ -1,4 +1,10 @@
-"""Local training and evaluation: what a client does with its data in one round."""
+"""Local training and evaluation: what a client does with its data in one round.
+
+As in Flower's quickstart, the task is the home of the model and its training loop.
+:class:`LocalTrainer` is the one place a low-precision training step is assembled
+(model prepared with activation/error quantizers, optimizer wrapped); :func:`train`
+runs it over a loader and the training benchmark times it step by step.
+"""
 
 from __future__ import annotations
 
@@ -39,10 +45,81 @@ def make_optimizer(
 
 def proximal_term(model: nn.Module, global_params: Mapping[str, Tensor], mu: float) -> Tensor:
     """FedProx's ``mu / 2 * ||w - w_global||^2`` over the model's parameters (a scalar)."""
-    total = torch.zeros(())
-    for name, param in model.named_parameters():
-        total = total + (param - global_params[name]).pow(2).sum()
+    total = sum(
+        (param - global_params[name]).pow(2).sum() for name, param in model.named_parameters()
+    )
     return 0.5 * mu * total
+
+
+class LocalTrainer:
+    """A model set up for low-precision training: quantizers inserted, optimizer wrapped.
+
+    Use as a context manager (or call :meth:`close`): on exit the model is left plain
+    (quantizers removed). ``step`` runs one training step; ``loss`` and ``optimizer``
+    are public so that a benchmark can time the phases of a step apart.
+
+    Args:
+        model: trained in place.
+        recipe: the low-precision formats; ``LowPrecision()`` is plain FP32 training.
+        optimizer, lr, momentum: the local optimizer (see :func:`make_optimizer`).
+        proximal_mu: FedProx's ``mu``; the current parameters are its anchor.
+        generator: the stream of stochastic rounding.
+        optimizer_state: a previous state dict of the same optimizer to resume from (only
+            its per-parameter ``"state"`` is used; hyperparameters come from this call).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: LowPrecision,
+        *,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        proximal_mu: float = 0.0,
+        generator: torch.Generator | None = None,
+        optimizer_state: Mapping[str, Any] | None = None,
+    ) -> None:
+        if proximal_mu < 0:
+            raise ValueError(f"proximal-mu must be >= 0, got {proximal_mu}")
+        self.model = model
+        self.proximal_mu = proximal_mu
+        self.anchor = (
+            {k: v.detach().clone() for k, v in model.named_parameters()} if proximal_mu > 0 else {}
+        )
+        inner = make_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum)
+        if optimizer_state is not None:
+            inner.load_state_dict({**inner.state_dict(), "state": optimizer_state["state"]})
+        self.optimizer = LowPrecisionOptimizer(inner, recipe, generator)
+        self.criterion = nn.CrossEntropyLoss()
+        prepare(model, recipe, generator)
+        model.train()
+
+    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
+        """Forward pass and loss (with FedProx's term when ``proximal_mu > 0``)."""
+        loss = self.criterion(self.model(images), labels)
+        if self.proximal_mu > 0:
+            loss = loss + proximal_term(self.model, self.anchor, self.proximal_mu)
+        return loss
+
+    def step(self, images: Tensor, labels: Tensor) -> Tensor:
+        """One training step; returns the (detached) loss."""
+        self.optimizer.zero_grad()
+        loss = self.loss(images, labels)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def close(self) -> dict[str, Any]:
+        """Remove the quantizers; return the optimizer's state dict (to resume next round)."""
+        unprepare(self.model)
+        return self.optimizer.state_dict()
+
+    def __enter__(self) -> LocalTrainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        unprepare(self.model)
 
 
 def train(
@@ -56,49 +133,36 @@ def train(
     momentum: float = 0.0,
     proximal_mu: float = 0.0,
     seed: int = 0,
-    optimizer_state: dict[str, Any] | None = None,
+    optimizer_state: Mapping[str, Any] | None = None,
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Train ``model`` in place for ``epochs`` over ``loader`` with the low-precision ``recipe``.
 
-    The model is prepared with activation/error quantizers for the duration of the call
-    and left plain afterwards. ``seed`` seeds stochastic rounding. ``optimizer_state``
-    (from a previous call) resumes the optimizer, as the paper keeps each client's Adam
-    moments across rounds (only its ``"state"`` entry is used). Returns the result and the
-    optimizer's new state dict.
+    ``seed`` seeds stochastic rounding. ``optimizer_state`` (from a previous call)
+    resumes the optimizer, as the paper keeps each client's Adam moments across rounds.
+    Returns the result and the optimizer's new state dict.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if proximal_mu < 0:
-        raise ValueError(f"proximal-mu must be >= 0, got {proximal_mu}")
-    generator = torch.Generator().manual_seed(seed)
-    global_params = (
-        {k: v.detach().clone() for k, v in model.named_parameters()} if proximal_mu > 0 else {}
+    trainer = LocalTrainer(
+        model,
+        recipe,
+        optimizer=optimizer,
+        lr=lr,
+        momentum=momentum,
+        proximal_mu=proximal_mu,
+        generator=torch.Generator().manual_seed(seed),
+        optimizer_state=optimizer_state,
     )
-    inner = make_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum)
-    if optimizer_state is not None:
-        # Resume the per-parameter state; hyperparameters come from this call.
-        inner.load_state_dict({**inner.state_dict(), "state": optimizer_state["state"]})
-    opt = LowPrecisionOptimizer(inner, recipe, generator)
-    prepare(model, recipe, generator)
-    criterion = nn.CrossEntropyLoss()
-    model.train()
     loss_sum, examples, steps = 0.0, 0, 0
-    try:
+    with trainer:
         for _ in range(epochs):
             for images, labels in loader:
-                opt.zero_grad()
-                loss = criterion(model(images), labels)
-                if proximal_mu > 0:
-                    loss = loss + proximal_term(model, global_params, proximal_mu)
-                loss.backward()
-                opt.step()
+                loss = trainer.step(images, labels)
                 loss_sum += loss.item() * labels.shape[0]
                 examples += labels.shape[0]
                 steps += 1
-    finally:
-        unprepare(model)
     mean_loss = loss_sum / examples if examples else float("nan")
-    return TrainResult(mean_loss, examples, steps), inner.state_dict()
+    return TrainResult(mean_loss, examples, steps), trainer.optimizer.state_dict()
 
 
 @torch.no_grad()

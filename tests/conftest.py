@@ -2,14 +2,10 @@
 
 import logging
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/flwr_harness.py
 
 settings.register_profile(
     "fedlpt",

@@ -9,8 +9,8 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import strategy as flwr_strategies
 
 from fedlpt.inprocess import LocalGrid, simulate
-from fedlpt.quant import BFP, is_encoded, quantize, to_state_dict
-from fedlpt.quant.wire import MANIFEST_KEY
+from fedlpt.quant import BFP, quantize
+from fedlpt.quant.wire import MANIFEST_KEY, is_encoded, to_state_dict
 from fedlpt.strategy import QuantizedStrategy, build_strategy
 
 FAST = {"model": "mlp", "num-server-rounds": 2, "batch-size": 64}

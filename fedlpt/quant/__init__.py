@@ -1,6 +1,22 @@
-"""Block-floating-point quantization, bit packing and the fedlpt wire format."""
+"""Block floating point and low-precision training: torch and NumPy only, no Flower.
 
-from .bfp import BFP, block_layout, decode_codes, encode_codes, num_blocks, quantize, quantize_
+The numerics stand alone, so that a device can train in low precision without the
+federated stack. The Flower wire format lives in :mod:`fedlpt.quant.wire`, imported on
+its own.
+"""
+
+from .bfp import (
+    BFP,
+    block_layout,
+    check_bits,
+    check_block,
+    decode_codes,
+    encode_codes,
+    num_blocks,
+    parse_block,
+    quantize,
+    quantize_,
+)
 from .packing import pack_bits, packed_size, unpack_bits
 from .training import (
     LowPrecision,
@@ -9,35 +25,24 @@ from .training import (
     quantize_activation,
     unprepare,
 )
-from .wire import (
-    PayloadError,
-    decode_arrays,
-    encode_arrays,
-    is_encoded,
-    serialized_size,
-    to_state_dict,
-)
 
 __all__ = [
     "BFP",
     "LowPrecision",
     "LowPrecisionOptimizer",
-    "PayloadError",
     "block_layout",
-    "decode_arrays",
+    "check_bits",
+    "check_block",
     "decode_codes",
-    "encode_arrays",
     "encode_codes",
-    "is_encoded",
     "num_blocks",
     "pack_bits",
     "packed_size",
+    "parse_block",
     "prepare",
     "quantize",
     "quantize_",
     "quantize_activation",
-    "serialized_size",
-    "to_state_dict",
     "unpack_bits",
     "unprepare",
 ]

@@ -25,7 +25,7 @@ here.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from math import prod
 from typing import Literal, Union
@@ -41,7 +41,9 @@ EXPONENT_MIN = -126
 EXPONENT_MAX = 127
 MIN_BITS = 2
 MAX_BITS = 16
-_BLOCK_NAMES = ("tensor", "row", "kernel")
+FP32_BITS = 32  # where a config accepts FP32, it is spelled as this bit width
+BLOCK_NAMES = ("tensor", "row", "kernel")
+ROUNDINGS = ("nearest", "stochastic")
 # Elements processed per step: 2**16 float32 values (256 KiB) stay in L2 cache, so the
 # five or six passes over a chunk cost about one pass over memory.
 _CHUNK = 1 << 18
@@ -75,34 +77,84 @@ class BFP:
     rounding: Rounding = "stochastic"
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
-            raise ValueError(f"BFP bits must be an int, got {self.bits!r}")
-        if not MIN_BITS <= self.bits <= MAX_BITS:
-            raise ValueError(f"BFP bits must be in {MIN_BITS}..{MAX_BITS}, got {self.bits}")
+        check_bits(self.bits, what="BFP bits")
         check_block(self.block)
-        if self.rounding not in ("nearest", "stochastic"):
-            raise ValueError(
-                f"BFP rounding must be 'nearest' or 'stochastic', got {self.rounding!r}"
-            )
+        check_rounding(self.rounding)
 
     @property
     def max_code(self) -> int:
         """Largest integer code: ``2**(bits-1) - 1`` (the range is symmetric)."""
         return (1 << (self.bits - 1)) - 1
 
+    def to_config(self) -> dict[str, int | str]:
+        """The format as flat scalars, ``{"bits", "block", "rounding"}``.
+
+        Every value is an int or a str, so the dict fits a Flower ``ConfigRecord``, a run
+        config or JSON; :meth:`from_config` reads it back. An int block stays an int.
+        """
+        return {"bits": self.bits, "block": self.block, "rounding": self.rounding}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object], default: BFP | None = None) -> BFP:
+        """The format written by :meth:`to_config`; missing keys come from ``default``.
+
+        ``block`` may also be a decimal string (``"32"``), as a TOML or command-line
+        value can be. Raises ValueError naming the key whose value is not usable.
+        """
+        fields = {}
+        for key in ("bits", "block", "rounding"):
+            if key in config:
+                fields[key] = config[key]
+            elif default is not None:
+                fields[key] = getattr(default, key)
+            else:
+                raise ValueError(f"BFP config has no {key!r} and there is no default")
+        return cls(
+            bits=check_bits(fields["bits"], what="BFP bits"),
+            block=parse_block(fields["block"]),
+            rounding=check_rounding(fields["rounding"]),
+        )
+
+
+def check_bits(bits: object, *, what: str = "bits", allow_fp32: bool = False) -> int:
+    """``bits`` as an int if it is a BFP word length (2..16), or 32 when ``allow_fp32``.
+
+    The one check of a bit width: formats, run and node configs, and the wire decoder
+    all call it. Raises ValueError naming ``what``.
+    """
+    fp32 = " or 32 for FP32" if allow_fp32 else ""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ValueError(f"{what} must be an int in {MIN_BITS}..{MAX_BITS}{fp32}, got {bits!r}")
+    if not (MIN_BITS <= bits <= MAX_BITS or (allow_fp32 and bits == FP32_BITS)):
+        raise ValueError(f"{what} must be in {MIN_BITS}..{MAX_BITS}{fp32}, got {bits}")
+    return bits
+
 
 def check_block(block: object) -> None:
     """Raise ValueError unless ``block`` is "tensor", "row", "kernel" or a positive int."""
     if isinstance(block, str):
-        if block not in _BLOCK_NAMES:
+        if block not in BLOCK_NAMES:
             raise ValueError(
-                f"BFP block must be one of {_BLOCK_NAMES} or a positive int, got {block!r}"
+                f"BFP block must be one of {BLOCK_NAMES} or a positive int, got {block!r}"
             )
         return
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(
-            f"BFP block must be one of {_BLOCK_NAMES} or a positive int, got {block!r}"
-        )
+        raise ValueError(f"BFP block must be one of {BLOCK_NAMES} or a positive int, got {block!r}")
+
+
+def parse_block(block: object) -> BlockKind:
+    """A block kind from a config value: a name, a positive int, or an int as a decimal string."""
+    if isinstance(block, str) and block.isdecimal():
+        block = int(block)
+    check_block(block)
+    return block  # type: ignore[return-value]
+
+
+def check_rounding(rounding: object) -> Rounding:
+    """``rounding`` if it is "nearest" or "stochastic"; else ValueError."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"BFP rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return rounding  # type: ignore[return-value]
 
 
 def block_layout(shape: tuple[int, ...] | list[int], block: BlockKind) -> list[tuple[int, int]]:

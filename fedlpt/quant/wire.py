@@ -37,6 +37,7 @@ from .bfp import (
     EXPONENT_MAX,
     EXPONENT_MIN,
     BlockKind,
+    check_bits,
     check_block,
     decode_codes,
     encode_codes,
@@ -224,9 +225,10 @@ def _check_entry(index: int, entry: object, seen: set[str]) -> dict[str, object]
     if "raw" not in entry:
         if not _DTYPES[entry["dtype"]].is_floating_point:
             raise PayloadError(f"{where} is BFP-encoded but has dtype {entry['dtype']}")
-        bits = entry["bits"]
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
-            raise PayloadError(f"{where} has bits {bits!r} outside 2..16")
+        try:
+            check_bits(entry["bits"], what=f"{where} bits")
+        except ValueError as err:
+            raise PayloadError(str(err)) from None
         try:
             check_block(entry["block"])
         except ValueError:

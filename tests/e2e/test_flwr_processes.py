@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from flwr_harness import deployment_federation, flwr_run, simulation_superlink, stage_app
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.e2e.flwr_harness import deployment_federation, flwr_run, simulation_superlink, stage_app
+
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
 

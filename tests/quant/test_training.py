@@ -11,12 +11,11 @@ from fedlpt.quant import (
     BFP,
     LowPrecision,
     LowPrecisionOptimizer,
-    decode_arrays,
-    encode_arrays,
     prepare,
     quantize,
     unprepare,
 )
+from fedlpt.quant.wire import decode_arrays, encode_arrays
 from fedlpt.task import evaluate, proximal_term, train
 
 

@@ -7,7 +7,15 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedlpt.quant import BFP, block_layout, decode_codes, encode_codes, num_blocks, quantize
+from fedlpt.quant import (
+    BFP,
+    block_layout,
+    check_bits,
+    decode_codes,
+    encode_codes,
+    num_blocks,
+    quantize,
+)
 from fedlpt.quant.bfp import quantize_
 
 BLOCKS = ["tensor", "row", "kernel", 1, 5, 16]
@@ -231,3 +239,41 @@ def test_bad_formats_are_rejected_with_a_clear_message(kwargs, match) -> None:
 def test_integer_tensors_are_not_quantized() -> None:
     with pytest.raises(TypeError, match="floating"):
         quantize(torch.arange(4), BFP(8))
+
+
+@given(
+    bits=st.integers(2, 16),
+    block=st.one_of(st.sampled_from(["tensor", "row", "kernel"]), st.integers(1, 4096)),
+    rounding=st.sampled_from(["nearest", "stochastic"]),
+)
+def test_format_travels_as_flat_config_and_back(bits: int, block, rounding: str) -> None:
+    fmt = BFP(bits, block, rounding)
+    config = fmt.to_config()
+    assert all(isinstance(v, int | str) for v in config.values())
+    assert BFP.from_config(config) == fmt
+    # A decimal-string block (as TOML or a command line may give it) reads as the int.
+    if isinstance(block, int):
+        assert BFP.from_config({**config, "block": str(block)}) == fmt
+
+
+def test_format_from_config_falls_back_to_a_default_and_names_bad_keys() -> None:
+    default = BFP(6, "kernel", "nearest")
+    assert BFP.from_config({"bits": 4}, default) == BFP(4, "kernel", "nearest")
+    with pytest.raises(ValueError, match="no 'block'"):
+        BFP.from_config({"bits": 4, "rounding": "nearest"})
+    with pytest.raises(ValueError, match=r"BFP bits must be in 2\.\.16, got 1"):
+        BFP.from_config({"bits": 1}, default)
+    with pytest.raises(ValueError, match="block must be one of"):
+        BFP.from_config({"block": "-3"}, default)
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        BFP.from_config({"rounding": "up"}, default)
+
+
+def test_one_bits_check_for_formats_and_configs() -> None:
+    assert check_bits(8) == 8 and check_bits(32, allow_fp32=True) == 32
+    with pytest.raises(ValueError, match=r"node bits must be in 2..16 or 32 for FP32, got 20"):
+        check_bits(20, what="node bits", allow_fp32=True)
+    with pytest.raises(ValueError, match="must be an int"):
+        check_bits(True)
+    with pytest.raises(ValueError, match=r"must be in 2\.\.16, got 32"):
+        check_bits(32)
