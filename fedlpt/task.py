@@ -56,14 +56,15 @@ class LocalTrainer:
 
     Use as a context manager (or call :meth:`close`): on exit the model is left plain
     (quantizers removed). ``step`` runs one training step; ``loss`` and ``optimizer``
-    are public so that a benchmark can time the phases of a step apart.
+    are public so that a benchmark can time the phases of a step apart. Training runs on
+    the device the model is on: batches are moved there.
 
     Args:
         model: trained in place.
         recipe: the low-precision formats; ``LowPrecision()`` is plain FP32 training.
         optimizer, lr, momentum: the local optimizer (see :func:`make_optimizer`).
         proximal_mu: FedProx's ``mu``; the current parameters are its anchor.
-        generator: the stream of stochastic rounding.
+        generator: the stream of stochastic rounding (on the model's device).
         optimizer_state: a previous state dict of the same optimizer to resume from (only
             its per-parameter ``"state"`` is used; hyperparameters come from this call).
     """
@@ -83,6 +84,7 @@ class LocalTrainer:
         if proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {proximal_mu}")
         self.model = model
+        self.device = _device_of(model)
         self.proximal_mu = proximal_mu
         self.anchor = (
             {k: v.detach().clone() for k, v in model.named_parameters()} if proximal_mu > 0 else {}
@@ -97,6 +99,8 @@ class LocalTrainer:
 
     def loss(self, images: Tensor, labels: Tensor) -> Tensor:
         """Forward pass and loss (with FedProx's term when ``proximal_mu > 0``)."""
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
         loss = self.criterion(self.model(images), labels)
         if self.proximal_mu > 0:
             loss = loss + proximal_term(self.model, self.anchor, self.proximal_mu)
@@ -137,9 +141,10 @@ def train(
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Train ``model`` in place for ``epochs`` over ``loader`` with the low-precision ``recipe``.
 
-    ``seed`` seeds stochastic rounding. ``optimizer_state`` (from a previous call)
-    resumes the optimizer, as the paper keeps each client's Adam moments across rounds.
-    Returns the result and the optimizer's new state dict.
+    Training runs on the model's device. ``seed`` seeds stochastic rounding.
+    ``optimizer_state`` (from a previous call) resumes the optimizer, as the paper keeps
+    each client's Adam moments across rounds. Returns the result and the optimizer's new
+    state dict.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -150,18 +155,20 @@ def train(
         lr=lr,
         momentum=momentum,
         proximal_mu=proximal_mu,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator(_device_of(model)).manual_seed(seed),
         optimizer_state=optimizer_state,
     )
-    loss_sum, examples, steps = 0.0, 0, 0
+    # The loss sum stays on the device: reading it every step would synchronize a GPU.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=trainer.device)
+    examples, steps = 0, 0
     with trainer:
         for _ in range(epochs):
             for images, labels in loader:
                 loss = trainer.step(images, labels)
-                loss_sum += loss.item() * labels.shape[0]
+                loss_sum += loss * labels.shape[0]
                 examples += labels.shape[0]
                 steps += 1
-    mean_loss = loss_sum / examples if examples else float("nan")
+    mean_loss = loss_sum.item() / examples if examples else float("nan")
     return TrainResult(mean_loss, examples, steps), trainer.optimizer.state_dict()
 
 
@@ -169,13 +176,26 @@ def train(
 def evaluate(model: nn.Module, loader: DataLoader) -> tuple[float, float, int]:
     """Mean cross-entropy, accuracy in [0, 1] and number of examples of ``model`` on ``loader``."""
     model.eval()
+    device = _device_of(model)
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    loss_sum, correct, examples = 0.0, 0, 0
+    # Sums stay on the device until the end: one synchronization, not one per batch.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    examples = 0
     for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
         logits = model(images)
-        loss_sum += criterion(logits, labels).item()
-        correct += int((logits.argmax(dim=1) == labels).sum())
+        loss_sum += criterion(logits, labels)
+        correct += (logits.argmax(dim=1) == labels).sum()
         examples += labels.shape[0]
     if not examples:
         return float("nan"), float("nan"), 0
-    return loss_sum / examples, correct / examples, examples
+    return loss_sum.item() / examples, correct.item() / examples, examples
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for an empty model."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
