@@ -19,7 +19,8 @@ from flwr.app import ArrayRecord
 from bench._common import median_seconds, print_json, print_table
 from fedlpt.models import ConvNet
 from fedlpt.quant import BFP
-from fedlpt.quant.wire import decode_arrays, encode_arrays, serialized_size
+from fedlpt.quant.wire import decode_arrays, encode_arrays
+from fedlpt.strategy.traffic import serialized_size
 
 
 def torch_op_chain(x: torch.Tensor, bits: int, stochastic: bool) -> torch.Tensor:

@@ -34,7 +34,8 @@ from fedlpt.data import load_centralized_test, load_partition
 from fedlpt.models import ConvNet
 from fedlpt.quant import BFP, quantize, quantize_
 from fedlpt.quant.training import QUANTIZED_MODULES, LowPrecision
-from fedlpt.quant.wire import encode_arrays, serialized_size
+from fedlpt.quant.wire import encode_arrays
+from fedlpt.strategy.traffic import serialized_size
 from fedlpt.task import LocalTrainer, evaluate, train
 
 BATCH = 32

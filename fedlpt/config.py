@@ -1,20 +1,33 @@
-"""The run configuration: kebab-case keys of ``[tool.flwr.app.config]``, read and checked once."""
+"""The run configuration: each key of ``[tool.flwr.app.config]`` declared once, checked at parse.
+
+Each field of :class:`AppConfig` is one kebab-case run-config key (``num_server_rounds``
+is ``num-server-rounds``) with its default, its help line and its check, so the parser,
+``pyproject.toml`` (a test compares) and the key table of the docs all come from here.
+A value that fedlpt cannot use raises :class:`ConfigError` naming the key, the value and
+what is allowed, before anything is built or loaded.
+
+This module only parses: it imports the light name registries (datasets, strategies) and
+the BFP format checks, never a dataset, a model or a Flower strategy.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import re
+import typing
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from torch import nn
-
-from .data import dataset_spec
-from .models import build_model
-from .quant import BFP
-from .quant.bfp import check_block
-from .strategy import STRATEGIES
+from .data.catalog import DATASET_NAMES, PARTITIONER_NAMES
+from .quant.bfp import ROUNDINGS, check_bits, parse_block
+from .strategy.registry import COMMON_PARAMS, STRATEGIES, strategy_key
 
 STRATEGY_PREFIX = "strategy."
+MODEL_NAMES = ("convnet", "mlp", "resnet18")  # built by fedlpt.task.build_model
+OPTIMIZER_NAMES = ("adam", "sgd")  # built by fedlpt.task.make_optimizer
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 class ConfigError(ValueError):
@@ -22,200 +35,326 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Setting:
+    """How one run-config key is documented and checked (the field's metadata).
+
+    ``check`` returns None when the value is usable, else the rule it breaks
+    ("must be >= 1"). ``aliases`` are deprecated names still read, with a warning.
+    """
+
+    help: str
+    choices: tuple[Any, ...] = ()
+    check: Callable[[Any], str | None] | None = None
+    aliases: tuple[str, ...] = ()
+
+
+def _setting(default: Any, help: str, **spec: Any) -> Any:
+    return field(default=default, metadata={"setting": Setting(help, **spec)})
+
+
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+def _positive(v: float) -> str | None:
+    return None if math.isfinite(v) and v > 0 else "must be a finite number > 0"
+
+
+def _finite_non_negative(v: float) -> str | None:
+    return None if math.isfinite(v) and v >= 0 else "must be a finite number >= 0"
+
+
+def _bits(v: int) -> str | None:
+    try:
+        check_bits(v, allow_fp32=True)
+    except ValueError:
+        return "must be 2..16, or 32 for FP32"
+    return None
+
+
+def _block(v: str | int) -> str | None:
+    try:
+        parse_block(v)
+    except ValueError:
+        return "must be 'tensor', 'row', 'kernel' or a positive int"
+    return None
+
+
+def _decay(v: float) -> str | None:
+    return None if 0.0 <= v < 1.0 else "must be in [0, 1)"
+
+
+def _device(v: str) -> str | None:
+    return None if _DEVICE.fullmatch(v) else "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+
+
+@dataclass(frozen=True)
 class AppConfig:
     """Every run-config key fedlpt reads (kebab-case in TOML, snake_case here)."""
 
-    num_server_rounds: int = 100
-    dataset: str = "digits"
-    data_dir: str | None = None
-    model: str = "convnet"
-    alpha: float = 0.3
-    seed: int = 4
-    local_epochs: int = 1
-    batch_size: int = 32
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.0
-    bits: int = 8
-    block: str | int = "row"
-    rounding: str = "stochastic"
-    quantize_optimizer_state: bool = False
-    downlink_bits: int = 32
-    ema: bool = True
-    ema_decay: float = 0.9
-    ema_start: int = 1
-    results_dir: str = "results"
-    strategy: str = "fedavg"
-    strategy_params: dict[str, Any] = field(default_factory=dict)
+    num_server_rounds: int = _setting(100, "federated rounds", check=_at_least(1))
+    dataset: str = _setting(
+        "digits",
+        "`digits` (bundled with scikit-learn, offline), `fmnist` (offline with Debian's "
+        "dataset-fashion-mnist), `mnist`, `cifar10`, `cifar100`",
+        choices=DATASET_NAMES,
+    )
+    data_dir: str = _setting(
+        "", "a folder of IDX files or a `datasets` `save_to_disk` copy; empty: look elsewhere"
+    )
+    partitioner: str = _setting(
+        "dirichlet",
+        "`dirichlet` (flwr-datasets' label skew), `dirichlet-balanced` (the paper's "
+        "equal-sized clients), `iid`",
+        choices=PARTITIONER_NAMES,
+    )
+    alpha: float = _setting(
+        0.3,
+        "Dirichlet concentration of the label skew (smaller: more skew); > 0",
+        check=lambda v: None if math.isfinite(v) else "must be a finite number",
+    )
+    train_examples: int = _setting(
+        0, "a fixed stratified subsample of the train pool; 0: all of it", check=_at_least(0)
+    )
+    test_examples: int = _setting(
+        0, "a fixed stratified subsample of the server's test set; 0: all", check=_at_least(0)
+    )
+    local_test_fraction: float = _setting(
+        0.2,
+        "share of each client's data held out for client-side evaluation, only when "
+        "`strategy.fraction-evaluate` > 0",
+        check=lambda v: None if 0.0 <= v < 1.0 else "must be in [0, 1)",
+    )
+    seed: int = _setting(4, "partitioning, model init, node sampling, rounding", check=_at_least(0))
+    local_epochs: int = _setting(1, "local epochs per round", check=_at_least(1))
+    batch_size: int = _setting(32, "local batch size", check=_at_least(1))
+    optimizer: str = _setting("adam", "local optimizer", choices=OPTIMIZER_NAMES)
+    learning_rate: float = _setting(0.001, "local learning rate", check=_positive, aliases=("lr",))
+    momentum: float = _setting(0.0, "SGD momentum", check=_finite_non_negative)
+    model: str = _setting(
+        "convnet", "`convnet` (the paper's), `mlp`, `resnet18`", choices=MODEL_NAMES
+    )
+    bits: int = _setting(
+        8,
+        "word length of weights, activations, errors, gradients and upload; 32: FP32",
+        check=_bits,
+    )
+    block: str | int = _setting(
+        "row",
+        'exponent sharing: `tensor`, `row`, `kernel` (the paper\'s "BC") or an int k',
+        check=_block,
+    )
+    rounding: str = _setting("stochastic", "rounding onto the grid", choices=ROUNDINGS)
+    quantize_optimizer_state: bool = _setting(False, "also round Adam moments / SGD momentum")
+    downlink_bits: int = _setting(
+        32, "bits of the global model sent to the clients; 32: FP32", check=_bits
+    )
+    ema: bool = _setting(True, "server moving average of the global model")
+    ema_decay: float = _setting(0.9, "EMA decay d: w = d*w + (1-d)*w_agg", check=_decay)
+    ema_start: int = _setting(1, "first round whose aggregate enters the EMA", check=_at_least(1))
+    ema_warmup: int = _setting(
+        0, "rounds over which the decay ramps from 0 to ema-decay; 0: fixed", check=_at_least(0)
+    )
+    device: str = _setting(
+        "auto",
+        "where clients train and the server evaluates: `auto` (CUDA if present), "
+        "`cpu`, `cuda`, `cuda:N`, `mps`",
+        check=_device,
+    )
+    results_dir: str = _setting("results", "where run folders go ($FEDLPT_RESULTS_DIR overrides)")
+    strategy: str = field(default="fedavg", metadata={"setting": None})
+    strategy_params: Mapping[str, Any] = field(default_factory=dict, metadata={"setting": None})
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> AppConfig:
-        """Read a Flower run config; unknown keys and wrong types raise ConfigError."""
-        known = {f.name: f for f in fields(cls)}
+        """Read and check a flat Flower run config; raises ConfigError naming the key."""
+        settings = _settings()
+        aliases = {alias: name for name, s in settings.items() for alias in s.aliases}
         values: dict[str, Any] = {}
-        params: dict[str, Any] = {}
-        per_strategy: dict[str, dict[str, Any]] = {}
+        strategy_values: dict[str, Any] = {}
         for key, value in run_config.items():
             if key.startswith(STRATEGY_PREFIX):
-                name = key[len(STRATEGY_PREFIX) :]
-                if name == "name":
-                    values["strategy"] = value
-                elif "." in name:  # strategy.<strategy>.<param>: only for that strategy
-                    owner, param = name.split(".", 1)
-                    per_strategy.setdefault(owner, {})[param] = value
-                else:
-                    params[name] = value
+                strategy_values[key[len(STRATEGY_PREFIX) :]] = value
                 continue
             attr = key.replace("-", "_")
-            if attr not in known or attr in ("strategy", "strategy_params"):
-                raise ConfigError(
-                    f"unknown run-config key {key!r}; known keys: "
-                    f"{sorted(k.replace('_', '-') for k in known if k != 'strategy_params')}"
+            if key in aliases:
+                new = aliases[key]
+                warnings.warn(
+                    f"run-config key {key!r} is deprecated; use {_kebab(new)!r}",
+                    FutureWarning,
+                    stacklevel=2,
                 )
-            values[attr] = _coerce(key, value, known[attr].default)
-        unknown = sorted(set(per_strategy) - set(STRATEGIES))
-        if unknown:
-            raise ConfigError(
-                f"run-config has parameters for unknown strategies {unknown}; "
-                f"known: {sorted(STRATEGIES)}"
-            )
-        chosen = str(values.get("strategy", cls.strategy)).lower()
-        values["strategy_params"] = {**params, **per_strategy.get(chosen, {})}
-        if values.get("data_dir") in ("", None):
-            values["data_dir"] = None
-        block = values.get("block", cls.block)
-        if isinstance(block, str) and block.isdigit():
-            values["block"] = int(block)
+                attr = new
+            elif attr not in settings:
+                raise ConfigError(
+                    f"unknown run-config key {key!r}; known keys: {sorted(map(_kebab, settings))}"
+                )
+            values[attr] = _checked(_kebab(attr), value, settings[attr], _types()[attr])
+        values["strategy"], values["strategy_params"] = _strategy(strategy_values)
         cfg = cls(**values)
-        cfg.validate()
+        cfg._check_together()
         return cfg
 
-    def validate(self) -> None:
-        """Raise ConfigError naming the first key whose value cannot be used."""
-        checks = [
-            ("num-server-rounds", self.num_server_rounds >= 1, "must be >= 1"),
-            ("local-epochs", self.local_epochs >= 1, "must be >= 1"),
-            ("batch-size", self.batch_size >= 1, "must be >= 1"),
-            ("lr", self.lr > 0, "must be > 0"),
-            ("bits", self.bits == 32 or 2 <= self.bits <= 16, "must be 2..16, or 32 for FP32"),
-            (
-                "downlink-bits",
-                self.downlink_bits == 32 or 2 <= self.downlink_bits <= 16,
-                "must be 2..16, or 32 for an FP32 downlink",
-            ),
-            ("ema-decay", 0.0 <= self.ema_decay < 1.0, "must be in [0, 1)"),
-            ("ema-start", self.ema_start >= 1, "must be >= 1"),
-            ("rounding", self.rounding in ("nearest", "stochastic"), "must be nearest|stochastic"),
-        ]
-        for key, ok, why in checks:
-            if not ok:
-                raise ConfigError(
-                    f"run-config {key} = {getattr(self, key.replace('-', '_'))!r} {why}"
-                )
+    def _check_together(self) -> None:
+        """Rules that involve several keys."""
+        if self.partitioner == "iid":
+            return
+        if not self.alpha > 0:
+            raise ConfigError(
+                f"run-config alpha = {self.alpha!r} must be > 0 for partitioner "
+                f"{self.partitioner!r} ('iid' ignores alpha)"
+            )
+
+    @property
+    def client_evaluation(self) -> bool:
+        """Whether clients evaluate the global model on a local hold-out."""
+        return float(self.strategy_params.get("fraction-evaluate", 0.0)) > 0
+
+    @property
+    def block_kind(self) -> str | int:
+        """``block`` as the quantizer takes it (a decimal string becomes an int)."""
+        return parse_block(self.block)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What one SuperNode's ``--node-config`` says: its data partition and its precision.
+
+    ``bits`` (optional) lowers this node's word length below the run's, e.g. a 4-bit
+    board in an 8-bit federation; 32 makes it an FP32 node.
+    """
+
+    partition_id: int
+    num_partitions: int
+    bits: int | None = None
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeConfig:
+        """Read and check a node config; raises ConfigError naming the key."""
         try:
-            check_block(self.block)
-            dataset_spec(self.dataset)
-        except ValueError as err:
-            raise ConfigError(f"run-config: {err}") from None
-
-    def upload_format(self, bits: int | None = None) -> BFP | None:
-        """The upload format for ``bits`` (default: the run's), None for FP32."""
-        bits = self.bits if bits is None else bits
-        return None if bits == 32 else BFP(bits, self.block, self.rounding)  # type: ignore[arg-type]
-
-    def downlink_format(self) -> BFP | None:
-        """The downlink format, None for FP32."""
-        if self.downlink_bits == 32:
-            return None
-        return BFP(self.downlink_bits, self.block, self.rounding)  # type: ignore[arg-type]
-
-    def build_model(self) -> nn.Module:
-        """A fresh model for this run's dataset."""
-        spec = dataset_spec(self.dataset)
-        return build_model(self.model, spec.in_channels, spec.image_size, spec.num_classes)
-
-
-# Declared in pyproject.toml so that `--run-config` / `-c` may override them (Flower only
-# accepts keys it knows); a strategy receives the common keys plus its own sub-table.
-DEFAULT_STRATEGY_PARAMS: dict[str, Any] = {
-    "fraction-train": 1.0,
-    "fraction-evaluate": 0.0,
-    "fedprox.proximal-mu": 0.01,
-    "fedavgm.server-learning-rate": 1.0,
-    "fedavgm.server-momentum": 0.9,
-    "fedadam.eta": 0.01,
-    "fedadam.eta-l": 0.1,
-    "fedadam.tau": 0.001,
-    "fedyogi.eta": 0.01,
-    "fedyogi.eta-l": 0.0316,
-    "fedyogi.tau": 0.001,
-    "fedadagrad.eta": 0.01,
-    "fedadagrad.eta-l": 0.1,
-    "fedadagrad.tau": 0.001,
-    "fedtrimmedavg.beta": 0.2,
-    "krum.num-malicious-nodes": 0,
-}
+            partition_id = node_config["partition-id"]
+            num_partitions = node_config["num-partitions"]
+        except KeyError as err:
+            raise ConfigError(
+                f"node config has no {err.args[0]!r}: start the SuperNode with "
+                '--node-config "partition-id=0 num-partitions=N"'
+            ) from None
+        for key, value in (("partition-id", partition_id), ("num-partitions", num_partitions)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"node config {key}={value!r} must be an int")
+        if num_partitions < 1 or not 0 <= partition_id < num_partitions:
+            raise ConfigError(
+                f"node config partition-id={partition_id} is outside [0, {num_partitions})"
+            )
+        bits = node_config.get("bits")
+        if bits is not None:
+            try:
+                check_bits(bits, what="node config bits", allow_fp32=True)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        unknown = sorted(set(node_config) - {"partition-id", "num-partitions", "bits"})
+        if unknown:
+            raise ConfigError(
+                f"node config has unknown keys {unknown}; known: partition-id, num-partitions, bits"
+            )
+        return cls(partition_id, num_partitions, bits)
 
 
 def default_run_config() -> dict[str, Any]:
-    """The defaults as a flat Flower run config (what ``pyproject.toml`` declares)."""
-    config: dict[str, Any] = {}
-    for f in fields(AppConfig):
-        if f.name in ("strategy", "strategy_params"):
-            continue
-        value = f.default
-        config[f.name.replace("_", "-")] = "" if value is None else value
-    config["strategy.name"] = AppConfig.strategy
-    config.update({STRATEGY_PREFIX + k: v for k, v in DEFAULT_STRATEGY_PARAMS.items()})
+    """The defaults as a flat Flower run config: exactly what ``pyproject.toml`` declares."""
+    config = {
+        _kebab(f.name): f.default
+        for f in fields(AppConfig)
+        if f.metadata.get("setting") is not None
+    }
+    config[STRATEGY_PREFIX + "name"] = AppConfig.strategy
+    config.update({STRATEGY_PREFIX + k: v for k, v in COMMON_PARAMS.items()})
+    for name, entry in STRATEGIES.items():
+        config.update({f"{STRATEGY_PREFIX}{name}.{k}": v for k, v in entry.params.items()})
     return config
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Check a run-config value against the default's type (ints are accepted as floats)."""
-    if isinstance(default, bool):
-        if isinstance(value, bool):
+def describe_keys() -> list[tuple[str, Any, str]]:
+    """``(key, default, help)`` of every run-config key, in declaration order."""
+    rows = []
+    for f in fields(AppConfig):
+        setting = f.metadata.get("setting")
+        if setting is not None:
+            rows.append((_kebab(f.name), f.default, setting.help))
+    return rows
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _settings() -> dict[str, Setting]:
+    return {f.name: f.metadata["setting"] for f in fields(AppConfig) if f.metadata["setting"]}
+
+
+def _types() -> dict[str, Any]:
+    return typing.get_type_hints(AppConfig)
+
+
+def _checked(key: str, value: Any, setting: Setting, kind: Any) -> Any:
+    """``value`` converted to the key's type and checked; ConfigError otherwise."""
+    value = _typed(key, value, kind)
+    if setting.choices and value not in setting.choices:
+        raise ConfigError(f"run-config {key} = {value!r} must be one of {list(setting.choices)}")
+    if setting.check is not None and (rule := setting.check(value)) is not None:
+        raise ConfigError(f"run-config {key} = {value!r} {rule}")
+    return value
+
+
+def _typed(key: str, value: Any, kind: Any) -> Any:
+    """Ints are accepted where floats are expected; nothing else is converted."""
+    allowed = typing.get_args(kind) or (kind,)
+    if isinstance(value, bool):
+        if bool in allowed:
             return value
-    elif isinstance(default, int) and not isinstance(default, bool):
-        if isinstance(value, int) and not isinstance(value, bool):
+    elif isinstance(value, int):
+        if int in allowed:
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif isinstance(default, float):
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if float in allowed:
             return float(value)
-    elif default is None or isinstance(default, str):
-        if isinstance(value, str):
+    elif isinstance(value, float):
+        if float in allowed:
             return value
-        if key == "block" and isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if int in allowed and value.is_integer():
+            return int(value)
+    elif isinstance(value, str) and str in allowed:
+        return value
+    expected = " or ".join(t.__name__ for t in allowed)
     raise ConfigError(
-        f"run-config {key} = {value!r} has type {type(value).__name__}, "
-        f"expected {type(default).__name__ if default is not None else 'str'}"
+        f"run-config {key} = {value!r} has type {type(value).__name__}, expected {expected}"
     )
 
 
-def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
-    """``(partition-id, num-partitions)`` of this node, checked."""
+def _strategy(values: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The strategy's name and its parameters from the ``strategy.*`` keys.
+
+    ``strategy.<param>`` goes to every strategy, ``strategy.<name>.<param>`` only to
+    strategy ``<name>``.
+    """
+    name = values.get("name", AppConfig.strategy)
+    if not isinstance(name, str):
+        raise ConfigError(f"run-config strategy.name = {name!r} must be a string")
     try:
-        partition_id = int(node_config["partition-id"])
-        num_partitions = int(node_config["num-partitions"])
-    except KeyError as err:
-        raise ConfigError(
-            f"node config has no {err.args[0]!r}: start the SuperNode with "
-            '--node-config "partition-id=0 num-partitions=N"'
-        ) from None
-    if not 0 <= partition_id < num_partitions:
-        raise ConfigError(
-            f"node config partition-id={partition_id} is outside [0, {num_partitions})"
-        )
-    return partition_id, num_partitions
-
-
-def node_bits(node_config: Mapping[str, Any], default: int) -> int:
-    """This node's upload bit width: ``bits`` in its node config overrides ``default``."""
-    if "bits" not in node_config:
-        return default
-    bits = node_config["bits"]
-    if isinstance(bits, bool) or not isinstance(bits, int) or not (bits == 32 or 2 <= bits <= 16):
-        raise ConfigError(f"node config bits={bits!r} must be an int in 2..16, or 32 for FP32")
-    return bits
+        chosen = strategy_key(name)
+    except ValueError as err:
+        raise ConfigError(f"run-config strategy.name: {err}") from None
+    common: dict[str, Any] = {}
+    own: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        if key == "name":
+            continue
+        owner, _, param = key.partition(".")
+        if param:
+            if owner not in STRATEGIES:
+                raise ConfigError(
+                    f"run-config strategy.{key}: no strategy {owner!r}; known: {sorted(STRATEGIES)}"
+                )
+            own.setdefault(owner, {})[param] = value
+        else:
+            common[key] = value
+    return chosen, {**common, **own.get(chosen, {})}

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-if TYPE_CHECKING:
-    from .server_app import RunOutcome
+from .client_app import app as client_app
+from .config import default_run_config
+from .server_app import RunOutcome, run_server
 
 ReplyHook = Callable[[int, Message], Message]
 
@@ -47,6 +48,9 @@ class LocalGrid(Grid):
         node_configs: one node config per node (e.g. partition-id, num-partitions).
         run_config: the run config all nodes see.
         reply_hook: optional ``f(node_id, reply) -> reply`` to tamper with replies.
+
+    ``delivered`` holds the messages of the latest ``send_and_receive`` that sent any,
+    so memory stays flat however many rounds run.
     """
 
     def __init__(
@@ -100,6 +104,9 @@ class LocalGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        if messages:
+            self.delivered = []
         ids = []
         for message in messages:
             message_id = f"m{next(self._ids)}"
@@ -114,7 +121,13 @@ class LocalGrid(Grid):
             message = _round_trip(self._pending.pop(message_id))
             self.delivered.append(message)
             node_id = message.metadata.dst_node_id
-            reply = self.app(message, self.contexts[node_id])
+            try:
+                reply = self.app(message, self.contexts[node_id])
+            except Exception as err:  # as a SuperNode does: the server gets an error reply
+                reason = f"{type(err)}:<'{err}'>"
+                reply = Message(
+                    Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message
+                )
             if self.reply_hook is not None:
                 reply = self.reply_hook(node_id, reply)
             replies.append(_round_trip(reply))
@@ -138,10 +151,6 @@ def simulate(
     ``run_config`` overrides the defaults of ``pyproject.toml`` (flattened keys such as
     ``"strategy.name"``). Partitions are ``partition-id = 0..N-1`` of ``N``.
     """
-    from .client_app import app as client_app
-    from .config import default_run_config
-    from .server_app import run_server
-
     config = {**default_run_config(), **dict(run_config)}
     nodes = [{"partition-id": i, "num-partitions": num_supernodes} for i in range(num_supernodes)]
     grid = LocalGrid(client_app, nodes, config, reply_hook=reply_hook)

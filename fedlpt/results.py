@@ -1,8 +1,14 @@
-"""The results folder of a run: results.json, metrics.csv, plots, the final model, a summary."""
+"""The results folder of a run: results.json, metrics.csv, plots, the final model, a summary.
+
+:class:`RunRecorder` writes ``results.json`` and ``metrics.csv`` after every round
+(atomically: write, then rename), so that a run that stops early leaves what it did;
+the plots are redrawn at most every :data:`PLOT_EVERY_S` seconds and at the end.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import time
@@ -15,10 +21,12 @@ import torch
 from torch import Tensor
 
 from .config import AppConfig
-from .strategy import RoundTraffic
+from .strategy.base import DroppedReply
+from .strategy.traffic import RoundTraffic
 
 MB = 1e6
 RESULTS_DIR_ENV = "FEDLPT_RESULTS_DIR"  # overrides results-dir (e.g. for a SuperLink host)
+PLOT_EVERY_S = 30.0
 
 
 def results_root(cfg: AppConfig) -> Path:
@@ -26,67 +34,121 @@ def results_root(cfg: AppConfig) -> Path:
     return Path(os.environ.get(RESULTS_DIR_ENV) or cfg.results_dir).expanduser().resolve()
 
 
-class RunRecorder:
-    """Collects per-round figures during a run and writes them out at the end."""
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, whole."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
 
-    def __init__(self, cfg: AppConfig, run_config: Mapping[str, Any]) -> None:
+
+class RunRecorder:
+    """Collects per-round figures and keeps the run folder up to date.
+
+    Args:
+        cfg: the run's parsed configuration.
+        run_config: the run config as Flower passed it (recorded verbatim).
+        folder: the run folder; by default
+            ``<results root>/<time>-<dataset>-<model>-<bits>-<strategy>``.
+        write: whether to write files at all (benchmarks and tests may only collect).
+    """
+
+    def __init__(
+        self,
+        cfg: AppConfig,
+        run_config: Mapping[str, Any],
+        *,
+        folder: Path | None = None,
+        write: bool = True,
+    ) -> None:
         self.cfg = cfg
         self.run_config = dict(run_config)
-        bits = "fp32" if cfg.bits == 32 else f"{cfg.bits}bit"
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        name = f"{stamp}-{cfg.dataset}-{cfg.model}-{bits}-{cfg.strategy}"
-        self.folder = results_root(cfg) / name
+        if folder is None:
+            bits = "fp32" if cfg.bits == 32 else f"{cfg.bits}bit"
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            folder = results_root(cfg) / f"{stamp}-{cfg.dataset}-{cfg.model}-{bits}-{cfg.strategy}"
+        self.folder = folder
+        self.write = write
         self.rows: list[dict[str, Any]] = []
+        self.dropped: dict[int, list[str]] = {}
+        self.train_metrics: dict[int, dict[str, Any]] = {}
         self.started = time.perf_counter()
+        self._plotted_at = float("-inf")
 
     def record_round(
-        self, server_round: int, accuracy: float, loss: float, traffic: RoundTraffic | None
+        self,
+        server_round: int,
+        accuracy: float,
+        loss: float,
+        traffic: RoundTraffic | None = None,
+        dropped: list[DroppedReply] | None = None,
+        train_metrics: Mapping[str, Any] | None = None,
     ) -> None:
-        """Add the centralized evaluation and traffic of one round (round 0: the start)."""
+        """Add one round's evaluation, traffic and replies (round 0: the start); save."""
         traffic = traffic or RoundTraffic(server_round)
+        dropped = dropped or []
         previous = self.rows[-1]["cumulative-mb"] if self.rows else 0.0
-        sent = (
-            traffic.bytes_up + traffic.bytes_down + traffic.bytes_up_eval + traffic.bytes_down_eval
-        )
+        train_metrics = dict(train_metrics or {})
         self.rows.append(
             {
                 "round": server_round,
                 "accuracy": accuracy,
                 "loss": loss,
+                "train-loss": train_metrics.get("train-loss", float("nan")),
                 "bytes-up": traffic.bytes_up,
                 "bytes-down": traffic.bytes_down,
                 "bytes-down-eval": traffic.bytes_down_eval,
                 "bytes-up-eval": traffic.bytes_up_eval,
                 "replies": traffic.replies,
-                "replies-dropped": len(traffic.dropped),
-                "cumulative-mb": previous + sent / MB,
+                "replies-dropped": len(dropped),
+                "cumulative-mb": previous + traffic.total / MB,
                 "elapsed-s": time.perf_counter() - self.started,
             }
         )
+        if dropped:
+            self.dropped[server_round] = [str(d) for d in dropped]
+        if train_metrics:
+            self.train_metrics[server_round] = train_metrics
+        if self.write:
+            self.save()
+            if time.perf_counter() - self._plotted_at >= PLOT_EVERY_S:
+                self.plot()
 
-    def finish(self, final_state: Mapping[str, Tensor], train_metrics: Mapping[int, Any]) -> Path:
-        """Write everything, print a summary, and return the folder."""
+    def save(self) -> None:
+        """Write results.json and metrics.csv as they stand."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        torch.save(dict(final_state), self.folder / "model.pt")
-        summary = self._summary()
         payload = {
             "config": asdict(self.cfg),
             "run-config": self.run_config,
-            "summary": summary,
+            "summary": self.summary(),
             "rounds": self.rows,
-            "train-metrics": {str(k): dict(v) for k, v in train_metrics.items()},
+            "dropped": {str(k): v for k, v in self.dropped.items()},
+            "train-metrics": {str(k): v for k, v in self.train_metrics.items()},
         }
-        (self.folder / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+        text = json.dumps(payload, indent=2, default=str)
+        write_atomically(self.folder / "results.json", text.encode())
         if self.rows:
-            with open(self.folder / "metrics.csv", "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]))
-                writer.writeheader()
-                writer.writerows(self.rows)
-            self._plot()
-        print(self._summary_text(summary), flush=True)
+            table = io.StringIO()
+            writer = csv.DictWriter(table, fieldnames=list(self.rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(self.rows)
+            write_atomically(self.folder / "metrics.csv", table.getvalue().encode())
+
+    def finish(self, final_state: Mapping[str, Tensor]) -> Path:
+        """Write everything with the final model, print a summary, and return the folder."""
+        if self.write:
+            self.save()
+            buffer = io.BytesIO()
+            torch.save({k: v.detach().cpu() for k, v in final_state.items()}, buffer)
+            write_atomically(self.folder / "model.pt", buffer.getvalue())
+            self.plot()
+        print(self.summary_text(), flush=True)
         return self.folder
 
-    def _summary(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
+        """The run's headline figures."""
         trained = [r for r in self.rows if r["round"] > 0]
         last = trained[-5:] if trained else self.rows[-1:]
         rounds = max(len(trained), 1)
@@ -96,13 +158,15 @@ class RunRecorder:
             "mean-accuracy-last-5": sum(r["accuracy"] for r in last) / max(len(last), 1),
             "mean-bytes-up-per-round": sum(r["bytes-up"] for r in trained) / rounds,
             "mean-bytes-down-per-round": sum(r["bytes-down"] for r in trained) / rounds,
+            "replies-dropped": sum(r["replies-dropped"] for r in trained),
             "total-mb": self.rows[-1]["cumulative-mb"] if self.rows else 0.0,
             "seconds": time.perf_counter() - self.started,
             "folder": str(self.folder),
         }
 
-    def _summary_text(self, s: dict[str, Any]) -> str:
-        cfg = self.cfg
+    def summary_text(self) -> str:
+        """The summary printed at the end of a run."""
+        s, cfg = self.summary(), self.cfg
         precision = (
             "FP32" if cfg.bits == 32 else f"{cfg.bits}-bit BFP ({cfg.block}, {cfg.rounding})"
         )
@@ -117,18 +181,23 @@ class RunRecorder:
                 f"  upload per round  {s['mean-bytes-up-per-round'] / MB:.3f} MB",
                 f"  download / round  {s['mean-bytes-down-per-round'] / MB:.3f} MB",
                 f"  total traffic     {s['total-mb']:.3f} MB",
+                f"  replies dropped   {s['replies-dropped']}",
                 f"  wall time         {s['seconds']:.1f} s",
-                f"  results           {s['folder']}",
+                f"  results           {s['folder'] if self.write else '(not written)'}",
                 "",
             ]
         )
 
-    def _plot(self) -> None:
+    def plot(self) -> None:
+        """Draw accuracy vs round and vs cumulative MB into the run folder."""
+        if not self.rows:
+            return
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        self.folder.mkdir(parents=True, exist_ok=True)
         rounds = [r["round"] for r in self.rows]
         accuracy = [100 * r["accuracy"] for r in self.rows]
         megabytes = [r["cumulative-mb"] for r in self.rows]
@@ -147,3 +216,4 @@ class RunRecorder:
             fig.tight_layout()
             fig.savefig(self.folder / filename)
             plt.close(fig)
+        self._plotted_at = time.perf_counter()

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from . import models
+from .data.catalog import dataset_info
 from .quant.training import LowPrecision, LowPrecisionOptimizer, prepare, unprepare
 
 OPTIMIZERS = ("adam", "sgd")
@@ -199,3 +201,29 @@ def _device_of(model: nn.Module) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+def build_model(dataset: str, model: str) -> nn.Module:
+    """A fresh ``model`` (e.g. ``"convnet"``) shaped for ``dataset``'s images and classes."""
+    info = dataset_info(dataset)
+    return models.build_model(model, info.in_channels, info.image_size, info.num_classes)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device a run-config ``device`` names; ``"auto"``: CUDA when available.
+
+    Raises:
+        ValueError: the device is not present on this machine (names it).
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but torch sees no CUDA device here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {name!r} was asked for, but there are {torch.cuda.device_count()} CUDA devices"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} was asked for, but MPS is not available here")
+    return device

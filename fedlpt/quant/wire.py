@@ -27,8 +27,7 @@ from typing import cast
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.app import Array, ArrayRecord
 from numpy.lib import format as npy_format
 from torch import Tensor
 
@@ -330,14 +329,3 @@ def to_state_dict(record: ArrayRecord) -> dict[str, Tensor]:
         return dict(record.to_torch_state_dict())
     except Exception as err:  # Flower/NumPy raise many types on malformed arrays
         raise PayloadError(f"plain ArrayRecord could not be read: {err}") from None
-
-
-def serialized_size(record: ArrayRecord | RecordDict) -> int:
-    """Bytes Flower transfers for a message's content (an ArrayRecord as ``{"arrays": ...}``).
-
-    Sums the deflated objects that Flower pushes (record dict, records, arrays, array
-    chunks; identical chunks once) plus their 64-character object ids.
-    """
-    content = record if isinstance(record, RecordDict) else RecordDict({"arrays": record})
-    objects = get_all_nested_objects(content)
-    return sum(len(obj.deflate()) + len(object_id) for object_id, obj in objects.items())

@@ -21,9 +21,9 @@ from fedlpt.quant.wire import (
     PayloadError,
     decode_arrays,
     encode_arrays,
-    serialized_size,
     to_state_dict,
 )
+from fedlpt.strategy.traffic import serialized_size
 
 
 def small_model_state() -> dict[str, torch.Tensor]:

@@ -1,0 +1,46 @@
+"""Server-side strategy wrappers, each with one job, composed by the ServerApp.
+
+From the outside in, as the ServerApp composes them (Flower's DP wrappers compose the
+same way)::
+
+    TrafficMeter(CodecStrategy(ServerEMA(<any Flower strategy>)))
+
+* :class:`~fedlpt.strategy.traffic.TrafficMeter`: bytes per round, as serialized;
+* :class:`~fedlpt.strategy.codec.CodecStrategy`: announces the upload format, encodes the
+  downlink, decodes replies and drops the malformed ones;
+* :class:`~fedlpt.strategy.ema.ServerEMA`: the server's moving average of the model;
+* :mod:`~fedlpt.strategy.registry`: the Flower strategies a run can name.
+
+Names are imported lazily, so that ``import fedlpt.strategy.registry`` (the run-config
+parser does it) loads no wrapper and no Flower strategy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "COMMON_PARAMS": "registry",
+    "STRATEGIES": "registry",
+    "StrategyEntry": "registry",
+    "build_strategy": "registry",
+    "StrategyWrapper": "base",
+    "DroppedReply": "base",
+    "CodecStrategy": "codec",
+    "ServerEMA": "ema",
+    "RoundTraffic": "traffic",
+    "TrafficMeter": "traffic",
+    "serialized_size": "traffic",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

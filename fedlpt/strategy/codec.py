@@ -1,0 +1,153 @@
+"""The codec wrapper: bit-packed uploads in, FP32 for the inner strategy, a quantized downlink.
+
+:class:`CodecStrategy` announces each round's upload format in the train ConfigRecord
+(see :mod:`fedlpt.protocol`), decodes every reply into FP32 before the inner strategy
+sees it, and drops, with one logged reason, a reply that is not a well-formed encoding of
+exactly the model that was sent. When a downlink format is given, the global model goes
+out in that format after the inner strategy has configured the round in FP32 (so FedAdam
+and its kin keep the exact model as their reference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from torch import Tensor
+
+from ..protocol import write_upload_format
+from ..quant import BFP
+from ..quant.wire import PayloadError, encode_arrays, to_state_dict
+from .base import DroppedReply, StrategyWrapper
+
+
+class CodecStrategy(StrategyWrapper):
+    """Encode the downlink, announce the upload format, decode replies for ``inner``.
+
+    Args:
+        inner: the strategy that samples, configures and aggregates in FP32.
+        upload: the format clients upload in (``None``: FP32). A node may lower its bits.
+        downlink: when set, the global model is sent in this format.
+    """
+
+    def __init__(self, inner: Strategy, *, upload: BFP | None, downlink: BFP | None = None) -> None:
+        super().__init__(inner)
+        self.upload = upload
+        self.downlink = downlink
+        self.sent: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self._dropped: dict[int, list[DroppedReply]] = {}
+        self._encoded: tuple[ArrayRecord, ArrayRecord] | None = None
+
+    def summary(self) -> None:
+        """Log the formats, then the inner chain."""
+        up = "FP32" if self.upload is None else str(self.upload)
+        down = "FP32" if self.downlink is None else str(self.downlink)
+        log(INFO, "\t├── CodecStrategy: upload %s, downlink %s", up, down)
+        self.inner.summary()
+
+    def own_dropped(self, server_round: int) -> list[DroppedReply]:
+        """Replies that did not decode into the model sent in ``server_round``."""
+        return self._dropped.get(server_round, [])
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Announce the upload format; the inner chain configures; send the downlink."""
+        write_upload_format(config, self.upload)
+        messages = self.inner.configure_train(server_round, arrays, config, grid)
+        self.sent = {name: (t.dtype, tuple(t.shape)) for name, t in _tensors(arrays).items()}
+        return self._send(server_round, messages, arrays)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The inner chain's evaluate messages, with the downlink encoded."""
+        messages = self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self._send(server_round, messages, arrays)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode every reply (dropping those that fail), aggregate with inner, keep dtypes.
+
+        The aggregate comes back in the model's own dtypes (FedAdam and its kin compute in
+        float64).
+        """
+        decoded = []
+        for reply in replies:
+            if reply.has_error():
+                decoded.append(reply)  # the inner strategy logs error replies
+                continue
+            try:
+                reply.content[self.arrayrecord_key] = ArrayRecord(self._decode(reply))
+            except PayloadError as err:
+                self._drop(server_round, reply, str(err))
+                continue
+            decoded.append(reply)
+        arrays, metrics = self.inner.aggregate_train(server_round, decoded)
+        if arrays is not None:
+            arrays = ArrayRecord(
+                {
+                    name: tensor.to(self.sent[name][0]) if name in self.sent else tensor
+                    for name, tensor in _tensors(arrays).items()
+                }
+            )
+        return arrays, metrics
+
+    def _decode(self, reply: Message) -> dict[str, Tensor]:
+        """The reply's model as float32 tensors, checked against the model that was sent."""
+        key = self.arrayrecord_key
+        if key not in reply.content.array_records:
+            raise PayloadError(f"reply has no ArrayRecord {key!r}")
+        state = to_state_dict(reply.content[key])
+        if set(state) != set(self.sent):
+            missing, extra = (
+                sorted(set(self.sent) - set(state)),
+                sorted(set(state) - set(self.sent)),
+            )
+            raise PayloadError(
+                f"reply's tensors differ from the model's: missing {missing}, extra {extra}"
+            )
+        for name, tensor in state.items():
+            dtype, shape = self.sent[name]
+            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                raise PayloadError(
+                    f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                    f"the model's is {dtype} {shape}"
+                )
+        return state
+
+    def _drop(self, server_round: int, reply: Message, reason: str) -> None:
+        dropped = DroppedReply(server_round, reply.metadata.src_node_id, reason, by="codec")
+        self._dropped.setdefault(server_round, []).append(dropped)
+        log(WARNING, "Dropping reply from %s", dropped)
+
+    def _send(
+        self, server_round: int, messages: Iterable[Message], arrays: ArrayRecord
+    ) -> list[Message]:
+        messages = list(messages)
+        if self.downlink is None:
+            return messages
+        encoded = self._downlink_record(server_round, arrays)
+        for message in messages:
+            if self.arrayrecord_key in message.content.array_records:
+                message.content[self.arrayrecord_key] = encoded
+        return messages
+
+    def _downlink_record(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The global model in the downlink format: encoded once per round, shared by all."""
+        if self._encoded is None or self._encoded[0] is not arrays:
+            generator = torch.Generator().manual_seed(server_round)
+            assert self.downlink is not None
+            self._encoded = (arrays, encode_arrays(_tensors(arrays), self.downlink, generator))
+        return self._encoded[1]
+
+
+def _tensors(arrays: ArrayRecord) -> dict[str, Tensor]:
+    """The global model's tensors (the server's own record: trusted)."""
+    return dict(arrays.to_torch_state_dict())

@@ -1,0 +1,72 @@
+"""The ClientApp through an in-process grid: what it reads, what it replies, its node config."""
+
+from flwr.app import Message
+
+from fedlpt import protocol
+from fedlpt.client_app import app as client_app
+from fedlpt.config import default_run_config
+from fedlpt.inprocess import LocalGrid
+from fedlpt.quant.wire import read_manifest
+from fedlpt.server_app import run_server
+from fedlpt.strategy.traffic import serialized_size
+
+FAST = {"model": "mlp", "num-server-rounds": 1, "batch-size": 64}
+
+
+def run(nodes: list[dict], **overrides) -> tuple:
+    config = {**default_run_config(), **FAST, **overrides}
+    replies: dict[int, Message] = {}
+
+    def keep(node_id: int, reply: Message) -> Message:
+        replies[node_id] = reply
+        return reply
+
+    grid = LocalGrid(client_app, nodes, config, reply_hook=keep)
+    outcome = run_server(grid, config, write_results=False)
+    return outcome, grid, replies
+
+
+def test_a_reply_carries_the_model_and_exactly_the_protocols_metrics() -> None:
+    _, _, replies = run([{"partition-id": i, "num-partitions": 2} for i in range(2)])
+    for reply in replies.values():
+        assert set(reply.content.array_records) == {protocol.ARRAY_RECORD}
+        assert set(reply.content.metric_records) == {protocol.METRIC_RECORD}
+        assert set(reply.content[protocol.METRIC_RECORD]) == set(protocol.TRAIN_METRICS)
+        assert not reply.content.config_records
+
+
+def test_a_node_config_can_lower_one_devices_bits_or_make_it_fp32() -> None:
+    nodes = [
+        {"partition-id": 0, "num-partitions": 3},
+        {"partition-id": 1, "num-partitions": 3, "bits": 4},
+        {"partition-id": 2, "num-partitions": 3, "bits": 32},
+    ]
+    outcome, _, replies = run(nodes)
+    assert outcome.strategy.dropped(1) == []
+    bits = {n: r.content["metrics"]["bits"] for n, r in replies.items()}
+    assert bits == {101: 8, 102: 4, 103: 32}
+    sizes = {n: serialized_size(r.content) for n, r in replies.items()}
+    assert sizes[102] < 0.6 * sizes[101] < 0.2 * sizes[103]
+    assert {e["bits"] for e in read_manifest(replies[102].content["arrays"])} == {4}
+
+
+def test_fedprox_sends_mu_and_nothing_else_the_client_does_not_read() -> None:
+    nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+    _, grid, _ = run(nodes, **{"strategy.name": "fedprox", "strategy.fedprox.proximal-mu": 0.25})
+    config = grid.delivered[0].content["config"]
+    assert config[protocol.PROXIMAL_MU] == 0.25
+    assert sorted(config) == sorted(
+        [protocol.PROXIMAL_MU, protocol.SERVER_ROUND]
+        + [protocol.UPLOAD_PREFIX + k for k in ("bits", "block", "rounding")]
+    )
+
+
+def test_a_misconfigured_node_answers_with_an_error_naming_the_key() -> None:
+    nodes = [
+        {"partition-id": 0, "num-partitions": 2},
+        {"partition-id": 1, "num-partitions": 2, "bits": 1},
+    ]
+    outcome, _, replies = run(nodes)
+    assert replies[102].has_error()
+    assert "node config bits must be in 2..16 or 32 for FP32, got 1" in replies[102].error.reason
+    assert outcome.strategy.traffic[1].replies == 2
