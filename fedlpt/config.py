@@ -22,7 +22,7 @@ from typing import Any
 
 from .data.catalog import DATASET_NAMES, PARTITIONER_NAMES
 from .quant.bfp import ROUNDINGS, check_bits, parse_block
-from .strategy.registry import COMMON_PARAMS, STRATEGIES, strategy_key
+from .strategy.registry import COMMON_PARAMS, STRATEGIES, WEIGHTINGS, strategy_key
 
 STRATEGY_PREFIX = "strategy."
 MODEL_NAMES = ("convnet", "mlp", "resnet18")  # built by fedlpt.task.build_model
@@ -154,6 +154,32 @@ class AppConfig:
     ema_start: int = _setting(1, "first round whose aggregate enters the EMA", check=_at_least(1))
     ema_warmup: int = _setting(
         0, "rounds over which the decay ramps from 0 to ema-decay; 0: fixed", check=_at_least(0)
+    )
+    aggregation_weights: str = _setting(
+        "examples",
+        "`examples` (by each reply's num-examples, clipped) or `equal` (the paper's "
+        "unweighted mean)",
+        choices=WEIGHTINGS,
+    )
+    max_weight_ratio: float = _setting(
+        1.0,
+        "a num-examples claim above this multiple of the round's median counts as that "
+        "multiple; 0: no clip",
+        check=_finite_non_negative,
+    )
+    max_abs_weight: float = _setting(
+        1e4, "a reply holding a weight beyond +- this is dropped", check=_positive
+    )
+    max_failed_rounds: int = _setting(
+        5,
+        "stop the run after this many consecutive rounds without a usable reply; 0: never",
+        check=_at_least(0),
+    )
+    round_timeout: float = _setting(
+        600.0, "seconds a round waits for replies before it goes on without them", check=_positive
+    )
+    resume_from: str = _setting(
+        "", "a run folder whose checkpoint the run continues from (its last completed round)"
     )
     device: str = _setting(
         "auto",

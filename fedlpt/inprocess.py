@@ -25,7 +25,7 @@ from .client_app import app as client_app
 from .config import default_run_config
 from .server_app import RunOutcome, run_server
 
-ReplyHook = Callable[[int, Message], Message]
+ReplyHook = Callable[[int, Message], Message | None]
 
 
 def _round_trip(message: Message) -> Message:
@@ -47,7 +47,8 @@ class LocalGrid(Grid):
         app: the ClientApp every node runs.
         node_configs: one node config per node (e.g. partition-id, num-partitions).
         run_config: the run config all nodes see.
-        reply_hook: optional ``f(node_id, reply) -> reply`` to tamper with replies.
+        reply_hook: optional ``f(node_id, reply) -> reply`` to tamper with replies;
+            returning None models a node that never answers (a timeout).
 
     ``delivered`` holds the messages of the latest ``send_and_receive`` that sent any,
     so memory stays flat however many rounds run.
@@ -130,6 +131,8 @@ class LocalGrid(Grid):
                 )
             if self.reply_hook is not None:
                 reply = self.reply_hook(node_id, reply)
+                if reply is None:
+                    continue
             replies.append(_round_trip(reply))
         return replies
 

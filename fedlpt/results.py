@@ -44,6 +44,19 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
+def _unused(folder: Path) -> Path:
+    """``folder``, or ``folder-2``, ``folder-3``...: the first that did not exist, now made."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        candidate = folder if attempt == 1 else folder.with_name(f"{folder.name}-{attempt}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free run folder name beside {folder}")
+
+
 class RunRecorder:
     """Collects per-round figures and keeps the run folder up to date.
 
@@ -68,7 +81,8 @@ class RunRecorder:
         if folder is None:
             bits = "fp32" if cfg.bits == 32 else f"{cfg.bits}bit"
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            folder = results_root(cfg) / f"{stamp}-{cfg.dataset}-{cfg.model}-{bits}-{cfg.strategy}"
+            name = f"{stamp}-{cfg.dataset}-{cfg.model}-{bits}-{cfg.strategy}"
+            folder = _unused(results_root(cfg) / name) if write else results_root(cfg) / name
         self.folder = folder
         self.write = write
         self.rows: list[dict[str, Any]] = []
@@ -85,6 +99,7 @@ class RunRecorder:
         traffic: RoundTraffic | None = None,
         dropped: list[DroppedReply] | None = None,
         train_metrics: Mapping[str, Any] | None = None,
+        missing: int = 0,
     ) -> None:
         """Add one round's evaluation, traffic and replies (round 0: the start); save."""
         traffic = traffic or RoundTraffic(server_round)
@@ -96,13 +111,14 @@ class RunRecorder:
                 "round": server_round,
                 "accuracy": accuracy,
                 "loss": loss,
-                "train-loss": train_metrics.get("train-loss", float("nan")),
+                "train-loss": train_metrics.get("train-loss"),  # None (null) at round 0
                 "bytes-up": traffic.bytes_up,
                 "bytes-down": traffic.bytes_down,
                 "bytes-down-eval": traffic.bytes_down_eval,
                 "bytes-up-eval": traffic.bytes_up_eval,
                 "replies": traffic.replies,
                 "replies-dropped": len(dropped),
+                "replies-missing": missing,
                 "cumulative-mb": previous + traffic.total / MB,
                 "elapsed-s": time.perf_counter() - self.started,
             }
@@ -115,6 +131,22 @@ class RunRecorder:
             self.save()
             if time.perf_counter() - self._plotted_at >= PLOT_EVERY_S:
                 self.plot()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the recorder has collected, for a checkpoint."""
+        return {
+            "rows": self.rows,
+            "dropped": {str(k): v for k, v in self.dropped.items()},
+            "train_metrics": {str(k): v for k, v in self.train_metrics.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's rounds; elapsed time goes on from the last row."""
+        self.rows = [dict(r) for r in state["rows"]]
+        self.dropped = {int(k): list(v) for k, v in state["dropped"].items()}
+        self.train_metrics = {int(k): dict(v) for k, v in state["train_metrics"].items()}
+        if self.rows:
+            self.started = time.perf_counter() - self.rows[-1]["elapsed-s"]
 
     def save(self) -> None:
         """Write results.json and metrics.csv as they stand."""

@@ -1,11 +1,17 @@
 """Whole federations through the ServerApp and in-process ClientApps: a few smoke tests."""
 
+import logging
+from logging import ERROR
+
 import pytest
 import torch
-from flwr.app import Message
+from flwr.app import Context, Message, RecordDict
+from flwr.common import log
 
-from fedlpt.config import AppConfig, default_run_config
-from fedlpt.inprocess import simulate
+from fedlpt import server_app
+from fedlpt.client_app import app as client_app
+from fedlpt.config import AppConfig, ConfigError, default_run_config
+from fedlpt.inprocess import LocalGrid, simulate
 from fedlpt.quant.wire import MANIFEST_KEY
 from fedlpt.server_app import compose_strategy
 from fedlpt.strategy.codec import CodecStrategy
@@ -77,3 +83,32 @@ def test_the_chain_is_composed_from_the_run_config() -> None:
     no_ema = AppConfig.from_run_config({**default_run_config(), "ema": False, "bits": 32})
     chain = compose_strategy(no_ema, build_strategy("fedavg"))
     assert chain.find(ServerEMA) is None and chain.find(CodecStrategy).upload is None
+
+
+def test_a_node_that_never_answers_is_logged_and_the_round_goes_on(caplog) -> None:
+    def silent(node_id: int, reply: Message) -> Message | None:
+        return None if node_id == 102 else reply
+
+    caplog.set_level(logging.WARNING, logger="flwr")
+    outcome = simulate(FAST, 3, reply_hook=silent)
+    assert [r["replies-missing"] for r in outcome.recorder.rows] == [0, 1, 1]
+    assert any("node(s) [102]" in r.getMessage() for r in caplog.records)
+    assert outcome.recorder.rows[-1]["replies"] == 2
+
+
+def test_a_user_error_ends_the_run_with_one_line_and_no_traceback(caplog) -> None:
+    context = Context(
+        run_id=1,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={**default_run_config(), "bits": 1},
+    )
+    caplog.set_level(logging.INFO, logger="flwr")
+    with pytest.raises(ConfigError) as raised:
+        server_app.main(LocalGrid(client_app, [], {}), context)
+    # What Flower's ServerApp runner does with an exception from main:
+    log(ERROR, "ServerApp raised an exception", exc_info=raised.value)
+    messages = [(r.getMessage(), r.exc_info) for r in caplog.records if r.levelno == ERROR]
+    assert messages[0] == ("fedlpt: run-config bits = 1 must be 2..16, or 32 for FP32", None)
+    assert messages[1] == ("ServerApp raised an exception", None)

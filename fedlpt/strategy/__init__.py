@@ -3,12 +3,14 @@
 From the outside in, as the ServerApp composes them (Flower's DP wrappers compose the
 same way)::
 
-    TrafficMeter(CodecStrategy(ServerEMA(<any Flower strategy>)))
+    TrafficMeter(CodecStrategy(ServerEMA(ReplyScreen(<any Flower strategy>))))
 
 * :class:`~fedlpt.strategy.traffic.TrafficMeter`: bytes per round, as serialized;
 * :class:`~fedlpt.strategy.codec.CodecStrategy`: announces the upload format, encodes the
   downlink, decodes replies and drops the malformed ones;
 * :class:`~fedlpt.strategy.ema.ServerEMA`: the server's moving average of the model;
+* :class:`~fedlpt.strategy.screen.ReplyScreen`: only finite, well-formed, plausibly
+  weighted replies reach aggregation, and only a finite aggregate leaves it;
 * :mod:`~fedlpt.strategy.registry`: the Flower strategies a run can name.
 
 Names are imported lazily, so that ``import fedlpt.strategy.registry`` (the run-config
@@ -29,6 +31,9 @@ _HOMES = {
     "DroppedReply": "base",
     "CodecStrategy": "codec",
     "ServerEMA": "ema",
+    "ReplyScreen": "screen",
+    "RunFailedError": "screen",
+    "WEIGHTINGS": "registry",
     "RoundTraffic": "traffic",
     "TrafficMeter": "traffic",
     "serialized_size": "traffic",

@@ -56,6 +56,9 @@ STRATEGIES: Mapping[str, StrategyEntry] = MappingProxyType(
         ),
     }
 )
+# How replies weigh in aggregation: FedAvg's by examples (clipped by the reply screen), or
+# all alike, the paper's unweighted mean.
+WEIGHTINGS = ("examples", "equal")
 # Arguments every Flower strategy takes, with fedlpt's defaults: every node trains each
 # round, and the server evaluates centrally instead of asking the clients.
 COMMON_PARAMS: Mapping[str, Any] = MappingProxyType(
