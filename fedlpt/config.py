@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 import re
+import tomllib
 import typing
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from .data.catalog import DATASET_NAMES, PARTITIONER_NAMES
@@ -92,6 +94,11 @@ def _device(v: str) -> str | None:
 class AppConfig:
     """Every run-config key fedlpt reads (kebab-case in TOML, snake_case here)."""
 
+    preset: str = _setting(
+        "",
+        "a preset of `conf/` (e.g. `paper-fmnist`) applied first; every key you set "
+        "yourself wins over it",
+    )
     num_server_rounds: int = _setting(100, "federated rounds", check=_at_least(1))
     dataset: str = _setting(
         "digits",
@@ -193,7 +200,12 @@ class AppConfig:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> AppConfig:
-        """Read and check a flat Flower run config; raises ConfigError naming the key."""
+        """Read and check a flat Flower run config; raises ConfigError naming the key.
+
+        With ``preset``, the preset's values replace the defaults: a key whose value in
+        ``run_config`` differs from its default was set on purpose and wins.
+        """
+        run_config = with_preset(run_config)
         settings = _settings()
         aliases = {alias: name for name, s in settings.items() for alias in s.aliases}
         values: dict[str, Any] = {}
@@ -284,6 +296,57 @@ class NodeConfig:
                 f"node config has unknown keys {unknown}; known: partition-id, num-partitions, bits"
             )
         return cls(partition_id, num_partitions, bits)
+
+
+def preset_folders() -> list[Path]:
+    """Where presets are looked up: ``conf/`` of the app (a FAB, a source checkout), then
+    ``fedlpt/conf/`` (an installed wheel)."""
+    here = Path(__file__).resolve().parent
+    return [here.parent / "conf", here / "conf"]
+
+
+def available_presets() -> list[str]:
+    """Names of the presets found, sorted."""
+    return sorted({p.stem for folder in preset_folders() for p in folder.glob("*.toml")})
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The flat run-config keys of preset ``name``; ConfigError names the ones available."""
+    for folder in preset_folders():
+        path = folder / f"{name}.toml"
+        if path.is_file():
+            with open(path, "rb") as handle:
+                values = _flatten(tomllib.load(handle))
+            if "preset" in values:
+                raise ConfigError(f"preset {name!r} ({path}) may not name another preset")
+            return values
+    raise ConfigError(
+        f"run-config preset = {name!r} is not a preset; available: {available_presets()} "
+        f"(looked in {[str(f) for f in preset_folders()]})"
+    )
+
+
+def with_preset(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """``run_config`` with its ``preset`` applied under the keys set on purpose."""
+    name = run_config.get("preset", "")
+    if not name:
+        return dict(run_config)
+    if not isinstance(name, str):
+        raise ConfigError(f"run-config preset = {name!r} must be a string")
+    defaults = default_run_config()
+    chosen = {k: v for k, v in run_config.items() if k not in defaults or v != defaults[k]}
+    return {**run_config, **load_preset(name), **chosen}
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``, as Flower flattens run configs."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def default_run_config() -> dict[str, Any]:

@@ -10,10 +10,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
+import subprocess
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,47 @@ PLOT_EVERY_S = 30.0
 def results_root(cfg: AppConfig) -> Path:
     """Where run folders go: $FEDLPT_RESULTS_DIR, else ``results-dir`` (relative to CWD)."""
     return Path(os.environ.get(RESULTS_DIR_ENV) or cfg.results_dir).expanduser().resolve()
+
+
+def run_metadata(run_id: int | None, clients: int | None) -> dict[str, Any]:
+    """Who made the results: the run, the number of clients, versions and the git commit."""
+    versions = {}
+    for package in ("fedlpt", "flwr", "torch", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "run-id": run_id,
+        "clients": clients,
+        "versions": versions,
+        "git-commit": _git_commit(Path(__file__).resolve().parent.parent),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _git_commit(folder: Path) -> str | None:
+    """The commit of the checkout fedlpt runs from, if it is one (a FAB is not)."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _duration(seconds: float) -> str:
+    """``75`` as ``1m15s``."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -75,6 +120,8 @@ class RunRecorder:
         *,
         folder: Path | None = None,
         write: bool = True,
+        run_id: int | None = None,
+        clients: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_config = dict(run_config)
@@ -85,10 +132,13 @@ class RunRecorder:
             folder = _unused(results_root(cfg) / name) if write else results_root(cfg) / name
         self.folder = folder
         self.write = write
+        self.run = run_metadata(run_id, clients)
         self.rows: list[dict[str, Any]] = []
+        self.nodes: dict[int, dict[str, Any]] = {}  # per node: rounds, bits, bytes up
         self.dropped: dict[int, list[str]] = {}
         self.train_metrics: dict[int, dict[str, Any]] = {}
         self.started = time.perf_counter()
+        self._resumed_at = 0.0  # elapsed-s of the round this process started from
         self._plotted_at = float("-inf")
 
     def record_round(
@@ -100,8 +150,12 @@ class RunRecorder:
         dropped: list[DroppedReply] | None = None,
         train_metrics: Mapping[str, Any] | None = None,
         missing: int = 0,
+        node_bits: Mapping[int, int] | None = None,
     ) -> None:
-        """Add one round's evaluation, traffic and replies (round 0: the start); save."""
+        """Add one round's evaluation, traffic and replies (round 0: the start); save.
+
+        ``node_bits`` maps each node whose upload was accepted to its word length.
+        """
         traffic = traffic or RoundTraffic(server_round)
         dropped = dropped or []
         previous = self.rows[-1]["cumulative-mb"] if self.rows else 0.0
@@ -123,6 +177,13 @@ class RunRecorder:
                 "elapsed-s": time.perf_counter() - self.started,
             }
         )
+        for node, bits in (node_bits or {}).items():
+            entry = self.nodes.setdefault(node, {"rounds": 0, "bits": [], "bytes-up": 0})
+            entry["rounds"] += 1
+            entry["bits"] = sorted({*entry["bits"], bits})
+        for node, size in traffic.up_by_node.items():
+            entry = self.nodes.setdefault(node, {"rounds": 0, "bits": [], "bytes-up": 0})
+            entry["bytes-up"] += size
         if dropped:
             self.dropped[server_round] = [str(d) for d in dropped]
         if train_metrics:
@@ -136,6 +197,7 @@ class RunRecorder:
         """What the recorder has collected, for a checkpoint."""
         return {
             "rows": self.rows,
+            "nodes": {str(k): v for k, v in self.nodes.items()},
             "dropped": {str(k): v for k, v in self.dropped.items()},
             "train_metrics": {str(k): v for k, v in self.train_metrics.items()},
         }
@@ -143,18 +205,22 @@ class RunRecorder:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's rounds; elapsed time goes on from the last row."""
         self.rows = [dict(r) for r in state["rows"]]
+        self.nodes = {int(k): dict(v) for k, v in state["nodes"].items()}
         self.dropped = {int(k): list(v) for k, v in state["dropped"].items()}
         self.train_metrics = {int(k): dict(v) for k, v in state["train_metrics"].items()}
         if self.rows:
             self.started = time.perf_counter() - self.rows[-1]["elapsed-s"]
+            self._resumed_at = self.rows[-1]["elapsed-s"]
 
     def save(self) -> None:
         """Write results.json and metrics.csv as they stand."""
         self.folder.mkdir(parents=True, exist_ok=True)
         payload = {
+            "run": self.run,
             "config": asdict(self.cfg),
             "run-config": self.run_config,
             "summary": self.summary(),
+            "nodes": {str(k): v for k, v in sorted(self.nodes.items())},
             "rounds": self.rows,
             "dropped": {str(k): v for k, v in self.dropped.items()},
             "train-metrics": {str(k): v for k, v in self.train_metrics.items()},
@@ -191,10 +257,36 @@ class RunRecorder:
             "mean-bytes-up-per-round": sum(r["bytes-up"] for r in trained) / rounds,
             "mean-bytes-down-per-round": sum(r["bytes-down"] for r in trained) / rounds,
             "replies-dropped": sum(r["replies-dropped"] for r in trained),
+            "precision": self.precision(),
             "total-mb": self.rows[-1]["cumulative-mb"] if self.rows else 0.0,
             "seconds": time.perf_counter() - self.started,
             "folder": str(self.folder),
         }
+
+    def precision(self) -> str:
+        """The word lengths the nodes uploaded in: "8-bit", or "mixed: 8-bit x2, 4-bit x1"."""
+        widths = Counter(max(n["bits"]) for n in self.nodes.values() if n["bits"])
+        if not widths:
+            return "FP32" if self.cfg.bits == 32 else f"{self.cfg.bits}-bit"
+        names = {b: "FP32" if b == 32 else f"{b}-bit" for b in widths}
+        if len(widths) == 1:
+            return names[next(iter(widths))]
+        listed = ", ".join(f"{names[b]} x{n}" for b, n in sorted(widths.items(), reverse=True))
+        return f"mixed: {listed}"
+
+    def progress_line(self) -> str:
+        """One line on the latest round: accuracy, traffic, pace and time left."""
+        row = self.rows[-1]
+        done = row["round"] - self.rows[0]["round"]
+        left = self.cfg.num_server_rounds - row["round"]
+        pace = (row["elapsed-s"] - self._resumed_at) / done if done else float("nan")
+        eta = _duration(pace * left) if done else "?"
+        return (
+            f"fedlpt round {row['round']}/{self.cfg.num_server_rounds}: accuracy "
+            f"{100 * row['accuracy']:.2f} % (loss {row['loss']:.4f}), up "
+            f"{row['bytes-up'] / MB:.2f} MB / down {row['bytes-down'] / MB:.2f} MB, "
+            f"{row['cumulative-mb']:.1f} MB so far, {pace:.1f} s/round, ETA {eta}"
+        )
 
     def summary_text(self) -> str:
         """The summary printed at the end of a run."""
@@ -207,6 +299,7 @@ class RunRecorder:
             [
                 "",
                 f"fedlpt: {cfg.dataset} / {cfg.model} / {cfg.strategy}, {precision}, {ema}",
+                f"  nodes             {len(self.nodes)} ({s['precision']})",
                 f"  rounds            {s['rounds']}",
                 f"  final accuracy    {100 * s['final-accuracy']:.2f} %",
                 f"  last-5 accuracy   {100 * s['mean-accuracy-last-5']:.2f} %",

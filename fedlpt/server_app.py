@@ -69,7 +69,7 @@ USER_ERRORS = (ConfigError, CheckpointError, DatasetUnavailableError, RunFailedE
 def main(grid: Grid, context: Context) -> None:
     """Train ``num-server-rounds`` rounds and write the results folder."""
     try:
-        run_server(grid, context.run_config, write_results=True)
+        run_server(grid, context.run_config, write_results=True, run_id=context.run_id)
     except USER_ERRORS as err:
         log(ERROR, "fedlpt: %s", err)
         logging.getLogger("flwr").addFilter(_WithoutTraceback(err))
@@ -113,7 +113,11 @@ def compose_strategy(cfg: AppConfig, inner: Strategy) -> TrafficMeter:
 
 
 def run_server(
-    grid: Grid, run_config: Mapping[str, Any], *, write_results: bool = True
+    grid: Grid,
+    run_config: Mapping[str, Any],
+    *,
+    write_results: bool = True,
+    run_id: int | None = None,
 ) -> RunOutcome:
     """The ServerApp's work on any Grid: strategy, rounds, centralized evaluation, results.
 
@@ -131,7 +135,14 @@ def run_server(
         max_examples=cfg.test_examples or None,
     )
     folder = Path(cfg.resume_from).expanduser().resolve() if checkpoint else None
-    recorder = RunRecorder(cfg, run_config, folder=folder, write=write_results)
+    recorder = RunRecorder(
+        cfg,
+        run_config,
+        folder=folder,
+        write=write_results,
+        run_id=run_id,
+        clients=len(list(grid.get_node_ids())),
+    )
 
     def evaluate_global(arrays: ArrayRecord) -> tuple[float, float]:
         model = build_model(cfg.dataset, cfg.model)
@@ -149,6 +160,7 @@ def run_server(
             dropped=strategy.dropped(outcome.server_round),
             train_metrics=outcome.train_metrics,
             missing=len(outcome.missing),
+            node_bits=strategy.find(CodecStrategy).node_bits(outcome.server_round),
         )
         if write_results:
             Checkpoint.capture(
@@ -158,15 +170,7 @@ def run_server(
                 recorder.state_dict(),
                 dict(run_config),
             ).save(recorder.folder)
-        log(
-            INFO,
-            "fedlpt round %s/%s: accuracy %.2f %%, loss %.4f, %.2f MB so far",
-            outcome.server_round,
-            cfg.num_server_rounds,
-            100 * accuracy,
-            loss,
-            recorder.rows[-1]["cumulative-mb"],
-        )
+        log(INFO, recorder.progress_line())
 
     if checkpoint is None:
         random.seed(cfg.seed)  # Flower samples nodes with Python's random module

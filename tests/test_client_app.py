@@ -48,6 +48,9 @@ def test_a_node_config_can_lower_one_devices_bits_or_make_it_fp32() -> None:
     sizes = {n: serialized_size(r.content) for n, r in replies.items()}
     assert sizes[102] < 0.6 * sizes[101] < 0.2 * sizes[103]
     assert {e["bits"] for e in read_manifest(replies[102].content["arrays"])} == {4}
+    assert outcome.recorder.precision() == "mixed: FP32 x1, 8-bit x1, 4-bit x1"
+    assert outcome.recorder.nodes[102]["bits"] == [4]
+    assert outcome.recorder.nodes[102]["bytes-up"] == sizes[102]
 
 
 def test_fedprox_sends_mu_and_nothing_else_the_client_does_not_read() -> None:

@@ -15,6 +15,7 @@ from fedlpt.config import (
     AppConfig,
     ConfigError,
     NodeConfig,
+    available_presets,
     default_run_config,
     describe_keys,
 )
@@ -150,3 +151,18 @@ def test_importing_the_config_loads_no_dataset_model_or_plotting_stack() -> None
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_a_preset_applies_and_keys_set_on_purpose_win() -> None:
+    cfg = parse(preset="paper-fmnist", **{"num-server-rounds": 5})
+    assert (cfg.dataset, cfg.alpha, cfg.num_server_rounds) == ("fmnist", 0.01, 5)
+    assert cfg.strategy_params["fraction-train"] == 0.4
+    assert parse(preset="fp32").bits == 32 and not parse(preset="fp32").ema
+
+
+def test_an_unknown_preset_lists_the_available_ones() -> None:
+    with pytest.raises(
+        ConfigError, match=r"preset = 'papr' is not a preset; available: \[.*'fp32'"
+    ):
+        parse(preset="papr")
+    assert "paper-fmnist" in available_presets()

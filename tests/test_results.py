@@ -24,6 +24,9 @@ def test_a_run_leaves_json_csv_plots_and_the_model(tmp_path: Path, monkeypatch) 
     assert report["rounds"][2]["cumulative-mb"] > report["rounds"][1]["cumulative-mb"] > 0
     assert report["config"]["bits"] == 8 and report["summary"]["rounds"] == 2
     assert report["train-metrics"]["1"]["bits"] == 8
+    assert report["run"]["clients"] == 2 and report["run"]["versions"]["flwr"]
+    assert report["summary"]["precision"] == "8-bit"
+    assert set(report["nodes"]) == {"101", "102"}
     assert (folder / "metrics.csv").read_text().startswith("round,accuracy,loss,train-loss,")
     for plot in ("accuracy.png", "accuracy_vs_mb.png"):
         assert (folder / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from logging import INFO, WARNING
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from ..protocol import write_upload_format
 from ..quant import BFP
-from ..quant.wire import PayloadError, encode_arrays, to_state_dict
+from ..quant.wire import PayloadError, encode_arrays, is_encoded, read_manifest, to_state_dict
 from .base import DroppedReply, StrategyWrapper
 
 
@@ -41,6 +42,7 @@ class CodecStrategy(StrategyWrapper):
         self.downlink = downlink
         self.sent: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         self._dropped: dict[int, list[DroppedReply]] = {}
+        self.bits: dict[int, dict[int, int]] = {}  # round -> node -> bits it uploaded in
         self._encoded: tuple[ArrayRecord, ArrayRecord] | None = None
 
     def summary(self) -> None:
@@ -84,10 +86,12 @@ class CodecStrategy(StrategyWrapper):
                 decoded.append(reply)  # the inner strategy logs error replies
                 continue
             try:
+                bits = self._bits(reply)
                 reply.content[self.arrayrecord_key] = ArrayRecord(self._decode(reply))
             except PayloadError as err:
                 self._drop(server_round, reply, str(err))
                 continue
+            self.bits.setdefault(server_round, {})[reply.metadata.src_node_id] = bits
             decoded.append(reply)
         arrays, metrics = self.inner.aggregate_train(server_round, decoded)
         if arrays is not None:
@@ -98,6 +102,26 @@ class CodecStrategy(StrategyWrapper):
                 }
             )
         return arrays, metrics
+
+    def node_bits(self, server_round: int) -> dict[int, int]:
+        """The word length each node's accepted upload of ``server_round`` used (32: FP32)."""
+        return dict(self.bits.get(server_round, {}))
+
+    def _bits(self, reply: Message) -> int:
+        """The widest word length a reply's manifest declares; 32 for a plain FP32 record."""
+        record = reply.content.array_records.get(self.arrayrecord_key)
+        if record is None or not is_encoded(record):
+            return 32
+        return max((int(e["bits"]) for e in read_manifest(record) if "bits" in e), default=32)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Bits per node and round, with the inner chain's state."""
+        return {"bits": self.bits, **super().state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the bits per node and round and the inner chain's state."""
+        self.bits = {int(r): {int(n): b for n, b in v.items()} for r, v in state["bits"].items()}
+        super().load_state_dict(state)
 
     def _decode(self, reply: Message) -> dict[str, Tensor]:
         """The reply's model as float32 tensors, checked against the model that was sent."""

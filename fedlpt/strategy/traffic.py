@@ -9,7 +9,7 @@ message's bytes that fedlpt uses, in the server and in the benchmarks.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from logging import INFO
 from typing import Any
 
@@ -43,6 +43,7 @@ class RoundTraffic:
     bytes_down_eval: int = 0  # evaluate messages to the nodes
     bytes_up_eval: int = 0  # evaluate replies (metrics only)
     replies: int = 0  # train replies received, error replies included
+    up_by_node: dict[int, int] = field(default_factory=dict)  # train reply bytes per node
 
     @property
     def total(self) -> int:
@@ -88,7 +89,11 @@ class TrafficMeter(StrategyWrapper):
         replies = list(replies)
         traffic = self._round(server_round)
         traffic.replies += len(replies)
-        traffic.bytes_up += _sizes(replies)
+        for reply in replies:
+            size = _sizes([reply])
+            traffic.bytes_up += size
+            node = reply.metadata.src_node_id
+            traffic.up_by_node[node] = traffic.up_by_node.get(node, 0) + size
         return self.inner.aggregate_train(server_round, replies)
 
     def aggregate_evaluate(
