@@ -2,7 +2,8 @@
 
 :class:`RunRecorder` writes ``results.json`` and ``metrics.csv`` after every round
 (atomically: write, then rename), so that a run that stops early leaves what it did;
-the plots are redrawn at most every :data:`PLOT_EVERY_S` seconds and at the end.
+the figure (``accuracy.png``/``.svg``/``.pdf``) is redrawn at most every
+:data:`PLOT_EVERY_S` seconds and at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .config import AppConfig
+from .figures import Curve, accuracy_figure, run_title, save_figure
 from .strategy.base import DroppedReply
 from .strategy.traffic import RoundTraffic
 
@@ -212,10 +214,9 @@ class RunRecorder:
             self.started = time.perf_counter() - self.rows[-1]["elapsed-s"]
             self._resumed_at = self.rows[-1]["elapsed-s"]
 
-    def save(self) -> None:
-        """Write results.json and metrics.csv as they stand."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        payload = {
+    def report(self) -> dict[str, Any]:
+        """Everything results.json holds."""
+        return {
             "run": self.run,
             "config": asdict(self.cfg),
             "run-config": self.run_config,
@@ -225,7 +226,11 @@ class RunRecorder:
             "dropped": {str(k): v for k, v in self.dropped.items()},
             "train-metrics": {str(k): v for k, v in self.train_metrics.items()},
         }
-        text = json.dumps(payload, indent=2, default=str)
+
+    def save(self) -> None:
+        """Write results.json and metrics.csv as they stand."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.report(), indent=2, default=str)
         write_atomically(self.folder / "results.json", text.encode())
         if self.rows:
             table = io.StringIO()
@@ -314,31 +319,10 @@ class RunRecorder:
         )
 
     def plot(self) -> None:
-        """Draw accuracy vs round and vs cumulative MB into the run folder."""
+        """Draw accuracy vs round and vs MB into ``accuracy.{png,svg,pdf}`` of the folder."""
         if not self.rows:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        rounds = [r["round"] for r in self.rows]
-        accuracy = [100 * r["accuracy"] for r in self.rows]
-        megabytes = [r["cumulative-mb"] for r in self.rows]
-        label = "FP32" if self.cfg.bits == 32 else f"{self.cfg.bits}-bit"
-        for x, xlabel, filename in (
-            (rounds, "round", "accuracy.png"),
-            (megabytes, "cumulative MB sent (up + down)", "accuracy_vs_mb.png"),
-        ):
-            fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-            ax.plot(x, accuracy, marker="o", markersize=3, label=label)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("test accuracy (%)")
-            ax.set_title(f"{self.cfg.dataset}, {self.cfg.strategy}")
-            ax.grid(alpha=0.3)
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(self.folder / filename)
-            plt.close(fig)
+        report = self.report()
+        figure = accuracy_figure([Curve.from_report(report)], run_title(report))
+        save_figure(figure, self.folder / "accuracy")
         self._plotted_at = time.perf_counter()

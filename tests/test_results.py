@@ -28,8 +28,8 @@ def test_a_run_leaves_json_csv_plots_and_the_model(tmp_path: Path, monkeypatch) 
     assert report["summary"]["precision"] == "8-bit"
     assert set(report["nodes"]) == {"101", "102"}
     assert (folder / "metrics.csv").read_text().startswith("round,accuracy,loss,train-loss,")
-    for plot in ("accuracy.png", "accuracy_vs_mb.png"):
-        assert (folder / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "accuracy.svg").read_text().lstrip().startswith("<?xml")
     model = torch.load(folder / "model.pt", weights_only=True)
     assert set(model) == set(outcome.arrays.to_torch_state_dict())
 

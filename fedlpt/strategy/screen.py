@@ -75,6 +75,7 @@ class ReplyScreen(StrategyWrapper):
         self.max_failed_rounds = max_failed_rounds
         self.failed_rounds: list[list[str]] = []  # causes of the current run of failures
         self.node_errors: dict[int, Counter[str]] = {}  # error replies per node and reason
+        self.clipped: set[int] = set()  # nodes whose claims were clipped (logged once)
         self._dropped: dict[int, list[DroppedReply]] = {}
 
     def summary(self) -> None:
@@ -172,10 +173,12 @@ class ReplyScreen(StrategyWrapper):
             weight = min(claim, limit)
             if self.weighting == "equal":
                 weight = 1
-            elif weight < claim:
+            elif weight < claim and reply.metadata.src_node_id not in self.clipped:
+                self.clipped.add(reply.metadata.src_node_id)  # said once per node
                 log(
                     INFO,
-                    "Round %s: node %s claims %s examples; counted as %s (%s x the median)",
+                    "Round %s: node %s claims %s examples; counted as %s (%s x the median); "
+                    "set max-weight-ratio to change this",
                     server_round,
                     reply.metadata.src_node_id,
                     claim,
