@@ -15,17 +15,22 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from . import protocol
-from .config import AppConfig, ConfigError, NodeConfig
+from .config import AppConfig, NodeConfig
 from .data import load_partition
-from .quant import BFP, LowPrecision
+from .quant import BFP, quantize
 from .quant.wire import encode_arrays, to_state_dict
-from .task import build_model, resolve_device
+from .task import build_model, make_recipe, resolve_device
 from .task import evaluate as evaluate_model
 from .task import train as train_model
 
 app = ClientApp()
 
-_OPTIMIZER_STATE = "fedlpt.optimizer"  # context.state: this node's optimizer state
+# This node's persistent state (context.state), FP32 and never sent: its optimizer state,
+# its copy of the global model (when the server tracks it) and its upload residual.
+_OPTIMIZER_STATE = "fedlpt.optimizer"
+_COPY, _COPY_ROUND = "fedlpt.model", "fedlpt.model-round"
+_RESIDUAL, _RESIDUAL_ROUND = "fedlpt.residual", "fedlpt.residual-round"
+Model = dict[str, torch.Tensor]
 
 
 @app.train()
@@ -35,13 +40,17 @@ def train(msg: Message, context: Context) -> Message:
     node = NodeConfig.from_node_config(context.node_config)
     config = msg.content.config_records.get(protocol.CONFIG_RECORD, ConfigRecord())
     server_round = protocol.server_round(config)
-    upload = _node_format(protocol.read_upload_format(config), node)
+    upload = _upload_format(protocol.read_upload_format(config), cfg, node)
     device = resolve_device(cfg.device)
+    seed = _seed(cfg.seed, server_round, node.partition_id)
 
-    model = _model_from(msg, cfg, device)
+    received = _synced_model(to_state_dict(msg.content[protocol.ARRAY_RECORD]), config, context)
+    model = build_model(cfg.dataset, cfg.model)
+    model.load_state_dict(received)
+    model.to(device)
     trainloader, _ = _loaders(cfg, node, server_round)
-    recipe = LowPrecision.uniform(
-        None if upload is None else upload.bits,
+    recipe = make_recipe(
+        cfg.role_bits(node),
         block=cfg.block_kind,
         rounding=cfg.rounding,
         quantize_optimizer_state=cfg.quantize_optimizer_state,
@@ -56,20 +65,19 @@ def train(msg: Message, context: Context) -> Message:
         lr=cfg.learning_rate,
         momentum=cfg.momentum,
         proximal_mu=float(config.get(protocol.PROXIMAL_MU, 0.0)),
-        seed=_seed(cfg.seed, server_round, node.partition_id),
+        seed=seed,
         optimizer_state=_load_optimizer_state(context),
     )
     train_seconds = time.perf_counter() - start
     _save_optimizer_state(context, optimizer_state)
 
-    state = model.state_dict()
-    if upload is None:
-        arrays = ArrayRecord({k: v.cpu() for k, v in state.items()})
-    else:  # the weights already sit on this grid: only buffers, if any, are rounded here
-        generator = torch.Generator(device).manual_seed(
-            _seed(cfg.seed, server_round, node.partition_id)
-        )
-        arrays = encode_arrays(state, upload, generator)
+    state = {name: value.detach().cpu() for name, value in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    if config.get(protocol.UPLOAD_KIND) == "delta":
+        state = _delta(state, received, upload, cfg, context, server_round, generator)
+    # Weights already sit on the training grid and a delta on the upload grid: encoding
+    # them is exact (only buffers, if any, are rounded here).
+    arrays = ArrayRecord(state) if upload is None else encode_arrays(state, upload, generator)
     metrics = MetricRecord(
         {
             protocol.NUM_EXAMPLES: result.num_examples,
@@ -103,17 +111,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({protocol.METRIC_RECORD: metrics}), reply_to=msg)
 
 
-def _node_format(announced: BFP | None, node: NodeConfig) -> BFP | None:
+def _upload_format(announced: BFP | None, cfg: AppConfig, node: NodeConfig) -> BFP | None:
     """The round's upload format, at this node's own bits when its node config sets them."""
-    if node.bits is None or (announced is None and node.bits == 32):
+    if not node.precision:
         return announced
-    if node.bits == 32:
+    bits = cfg.upload_bits_of(node)
+    if bits == 32:
         return None
     if announced is None:
-        raise ConfigError(
-            f"node config bits={node.bits} asks for low precision, but the run uploads FP32"
-        )
-    return BFP(node.bits, announced.block, announced.rounding)
+        return BFP(bits, cfg.block_kind, cfg.rounding)  # type: ignore[arg-type]
+    return BFP(bits, announced.block, announced.rounding)
 
 
 def _loaders(cfg: AppConfig, node: NodeConfig, server_round: int) -> Any:
@@ -134,6 +141,72 @@ def _loaders(cfg: AppConfig, node: NodeConfig, server_round: int) -> Any:
         shuffle_seed=_seed(cfg.seed, server_round, node.partition_id),
         max_examples=cfg.train_examples or None,
     )
+
+
+def _synced_model(received: Model, config: ConfigRecord, context: Context) -> Model:
+    """The global model this node trains from, and its kept copy when the server tracks it.
+
+    Raises:
+        ValueError: the server sent a difference to a copy this node does not hold (the
+            server then sends the full model next time).
+    """
+    if protocol.DOWNLINK_BASE not in config:
+        return received
+    base = config[protocol.DOWNLINK_BASE]
+    if base == protocol.FULL_MODEL:
+        model = received
+    else:
+        held = context.state.config_records.get(_COPY_ROUND, {}).get("round")
+        if held != base:
+            raise ValueError(
+                f"the server sent a difference to the model of round {base}, but this node "
+                f"holds {'none' if held is None else f'round {held}'}"
+            )
+        copy = context.state[_COPY].to_torch_state_dict()
+        model = {k: copy[k] + v if v.is_floating_point() else v for k, v in received.items()}
+    context.state[_COPY] = ArrayRecord(model)
+    context.state[_COPY_ROUND] = ConfigRecord({"round": protocol.server_round(config)})
+    return model
+
+
+def _delta(
+    trained: Model,
+    received: Model,
+    upload: BFP | None,
+    cfg: AppConfig,
+    context: Context,
+    server_round: int,
+    generator: torch.Generator,
+) -> Model:
+    """``trained - received`` on the upload grid, with this node's error feedback.
+
+    The residual (what rounding dropped, FP32, never sent) is added to the next delta;
+    one older than ``feedback-max-age`` rounds is dropped.
+    """
+    delta = {k: v - received[k] if v.is_floating_point() else v for k, v in trained.items()}
+    if upload is None:
+        return delta
+    residual = _load_residual(context, server_round, cfg.feedback_max_age)
+    if cfg.upload_feedback and residual is not None:
+        delta = {k: v + residual[k] if k in residual else v for k, v in delta.items()}
+    rounded = {
+        k: quantize(v, upload, generator) if v.is_floating_point() else v for k, v in delta.items()
+    }
+    if cfg.upload_feedback:
+        dropped = {k: v - rounded[k] for k, v in delta.items() if v.is_floating_point()}
+        context.state[_RESIDUAL] = ArrayRecord(dropped)
+        context.state[_RESIDUAL_ROUND] = ConfigRecord({"round": server_round})
+    return rounded
+
+
+def _load_residual(context: Context, server_round: int, max_age: int) -> Model | None:
+    """This node's upload residual, unless it has none or it is too old."""
+    if _RESIDUAL not in context.state.array_records:
+        return None
+    saved_round = context.state[_RESIDUAL_ROUND]["round"]
+    if max_age and server_round - int(saved_round) > max_age:
+        return None
+    return dict(context.state[_RESIDUAL].to_torch_state_dict())
 
 
 def _model_from(msg: Message, cfg: AppConfig, device: torch.device) -> torch.nn.Module:

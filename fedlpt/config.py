@@ -27,9 +27,14 @@ from .quant.bfp import ROUNDINGS, check_bits, parse_block
 from .strategy.registry import COMMON_PARAMS, STRATEGIES, WEIGHTINGS, strategy_key
 
 STRATEGY_PREFIX = "strategy."
+ROLES = ("weight", "activation", "error", "gradient")  # quantized quantities of a step
+UPLOADS = ("weights", "delta")
 MODEL_NAMES = ("convnet", "mlp", "resnet18")  # built by fedlpt.task.build_model
 OPTIMIZER_NAMES = ("adam", "sgd")  # built by fedlpt.task.make_optimizer
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+NODE_PRECISION_KEYS = ("bits", *(f"{role}-bits" for role in ROLES), "upload-bits")
 
 
 class ConfigError(ValueError):
@@ -72,6 +77,10 @@ def _bits(v: int) -> str | None:
     except ValueError:
         return "must be 2..16, or 32 for FP32"
     return None
+
+
+def _role_bits(v: int) -> str | None:
+    return None if v == 0 else _bits(v)
 
 
 def _block(v: str | int) -> str | None:
@@ -146,6 +155,18 @@ class AppConfig:
         "word length of weights, activations, errors, gradients and upload; 32: FP32",
         check=_bits,
     )
+    weight_bits: int = _setting(
+        0, "word length of the weights (the paper's W_w); 0: `bits`", check=_role_bits
+    )
+    activation_bits: int = _setting(
+        0, "word length of the activations (W_a); 0: `bits`", check=_role_bits
+    )
+    error_bits: int = _setting(
+        0, "word length of the back-propagated errors (W_e); 0: `bits`", check=_role_bits
+    )
+    gradient_bits: int = _setting(
+        0, "word length of the weight gradients (W_g); 0: `bits`", check=_role_bits
+    )
     block: str | int = _setting(
         "row",
         'exponent sharing: `tensor`, `row`, `kernel` (the paper\'s "BC") or an int k',
@@ -153,8 +174,27 @@ class AppConfig:
     )
     rounding: str = _setting("stochastic", "rounding onto the grid", choices=ROUNDINGS)
     quantize_optimizer_state: bool = _setting(False, "also round Adam moments / SGD momentum")
+    upload: str = _setting(
+        "weights",
+        "what clients send: `weights` (the paper) or `delta` (their change to the model)",
+        choices=UPLOADS,
+    )
+    upload_bits: int = _setting(0, "word length of the upload; 0: `weight-bits`", check=_role_bits)
+    upload_feedback: bool = _setting(
+        True, "with `delta` uploads, clients carry what rounding dropped into their next upload"
+    )
+    feedback_max_age: int = _setting(
+        0,
+        "a client's upload residual older than this many rounds is dropped; 0: kept",
+        check=_at_least(0),
+    )
     downlink_bits: int = _setting(
         32, "bits of the global model sent to the clients; 32: FP32", check=_bits
+    )
+    downlink_feedback: bool = _setting(
+        True,
+        "with a quantized downlink, send each client the difference to its copy of the "
+        "model, the server keeping what rounding dropped",
     )
     ema: bool = _setting(True, "server moving average of the global model")
     ema_decay: float = _setting(0.9, "EMA decay d: w = d*w + (1-d)*w_agg", check=_decay)
@@ -253,18 +293,47 @@ class AppConfig:
         """``block`` as the quantizer takes it (a decimal string becomes an int)."""
         return parse_block(self.block)
 
+    def role_bits(self, node: NodeConfig | None = None) -> dict[str, int]:
+        """Word length of each of :data:`ROLES` (32: FP32), for ``node`` if given.
+
+        Most specific first: the node's ``<role>-bits``, the node's ``bits``, the run's
+        ``<role>-bits``, the run's ``bits``.
+        """
+        own = node.precision if node is not None else {}
+        return {
+            role: own.get(f"{role}-bits")
+            or own.get("bits")
+            or getattr(self, f"{role}_bits")
+            or self.bits
+            for role in ROLES
+        }
+
+    def upload_bits_of(self, node: NodeConfig | None = None) -> int:
+        """The upload's word length: ``upload-bits``, else the weights' (the node's if set)."""
+        own = node.precision if node is not None else {}
+        if own:
+            return own.get("upload-bits") or self.role_bits(node)["weight"]
+        return self.upload_bits or self.role_bits()["weight"]
+
 
 @dataclass(frozen=True)
 class NodeConfig:
     """What one SuperNode's ``--node-config`` says: its data partition and its precision.
 
-    ``bits`` (optional) lowers this node's word length below the run's, e.g. a 4-bit
-    board in an 8-bit federation; 32 makes it an FP32 node.
+    ``precision`` holds the node's own word lengths, any of :data:`NODE_PRECISION_KEYS`:
+    ``bits`` (every role), ``<role>-bits`` (one role) and ``upload-bits``, e.g. a 4-bit
+    board in an 8-bit federation (32 makes it an FP32 node). A node that sets any of them
+    uploads at its own weight bits unless it sets ``upload-bits``.
     """
 
     partition_id: int
     num_partitions: int
-    bits: int | None = None
+    precision: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def bits(self) -> int | None:
+        """The node's ``bits``, if it sets them."""
+        return self.precision.get("bits")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeConfig:
@@ -284,18 +353,20 @@ class NodeConfig:
             raise ConfigError(
                 f"node config partition-id={partition_id} is outside [0, {num_partitions})"
             )
-        bits = node_config.get("bits")
-        if bits is not None:
-            try:
-                check_bits(bits, what="node config bits", allow_fp32=True)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
-        unknown = sorted(set(node_config) - {"partition-id", "num-partitions", "bits"})
+        precision = {}
+        for key in NODE_PRECISION_KEYS:
+            if key in node_config:
+                try:
+                    precision[key] = check_bits(
+                        node_config[key], what=f"node config {key}", allow_fp32=True
+                    )
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
+        known = ("partition-id", "num-partitions", *NODE_PRECISION_KEYS)
+        unknown = sorted(set(node_config) - set(known))
         if unknown:
-            raise ConfigError(
-                f"node config has unknown keys {unknown}; known: partition-id, num-partitions, bits"
-            )
-        return cls(partition_id, num_partitions, bits)
+            raise ConfigError(f"node config has unknown keys {unknown}; known: {list(known)}")
+        return cls(partition_id, num_partitions, precision)
 
 
 def preset_folders() -> list[Path]:

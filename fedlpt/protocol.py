@@ -5,8 +5,8 @@ rest, and nothing is sent that is not read.** A train message carries the global
 and a ConfigRecord with the round number, the format the client uploads in (and FedProx's
 ``mu`` when that strategy is used); everything else a client needs (model, data, the
 training recipe, local epochs) comes from the run config that every node already has.
-A train reply carries the client's model and a MetricRecord with exactly
-:data:`TRAIN_METRICS`.
+A train reply carries the client's model (or its change to it, with delta uploads) and a
+MetricRecord with exactly :data:`TRAIN_METRICS`.
 
 Both apps import this module and nothing of each other's (Flower keeps its differential
 privacy keys in ``flwr.common.differential_privacy_constants`` the same way). It is
@@ -25,6 +25,12 @@ ARRAY_RECORD = "arrays"  # Flower's default arrayrecord_key
 SERVER_ROUND = "server-round"  # written by every Flower strategy
 PROXIMAL_MU = "proximal-mu"  # written by Flower's FedProx
 UPLOAD_PREFIX = "fedlpt.upload."  # + each key of BFP.to_config(); bits 32 means FP32
+UPLOAD_KIND = "fedlpt.upload-kind"  # "weights" (the paper) or "delta": w_local - w_received
+# When present, the server tracks this node's copy of the model: the message's arrays are
+# the difference to the copy the node kept after round DOWNLINK_BASE, or with -1 the full
+# model, which becomes the node's copy.
+DOWNLINK_BASE = "fedlpt.downlink-base"
+FULL_MODEL = -1
 
 # --- Replies, client -> server (MetricRecord "metrics") -----------------------------------
 METRIC_RECORD = "metrics"

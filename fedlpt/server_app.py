@@ -2,7 +2,10 @@
 
 The strategy is composed from the run config the way Flower composes its DP wrappers::
 
-    TrafficMeter(CodecStrategy(ServerEMA(ReplyScreen(<Flower strategy>))))
+    TrafficMeter(CodecStrategy(DeltaSync(ServerEMA(ReplyScreen(<Flower strategy>)))))
+
+(``DeltaSync`` only with delta uploads or a downlink with error feedback, ``ServerEMA``
+only with the EMA on).
 
 and driven round by round by :func:`run_rounds` (Flower's ``Strategy.start`` loop,
 with a hook after each round so that results are kept as the run goes).
@@ -30,6 +33,7 @@ from .data import DatasetUnavailableError, load_centralized_test
 from .quant import BFP
 from .results import RunRecorder
 from .strategy.codec import CodecStrategy
+from .strategy.delta import DeltaSync
 from .strategy.ema import ServerEMA
 from .strategy.registry import build_strategy
 from .strategy.screen import ReplyScreen, RunFailedError
@@ -107,8 +111,15 @@ def compose_strategy(cfg: AppConfig, inner: Strategy) -> TrafficMeter:
         strategy = ServerEMA(
             strategy, decay=cfg.ema_decay, start=cfg.ema_start, warmup=cfg.ema_warmup
         )
-    upload = _format(cfg.bits, cfg)
+    upload = _format(cfg.upload_bits_of(), cfg)
     downlink = _format(cfg.downlink_bits, cfg)
+    downlink_feedback = downlink is not None and cfg.downlink_feedback
+    if cfg.upload == "delta" or downlink_feedback:
+        strategy = DeltaSync(
+            strategy,
+            delta_uploads=cfg.upload == "delta",
+            downlink=downlink if downlink_feedback else None,
+        )
     return TrafficMeter(CodecStrategy(strategy, upload=upload, downlink=downlink))
 
 

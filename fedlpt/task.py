@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from . import models
 from .data.catalog import dataset_info
+from .quant.bfp import BFP, BlockKind
 from .quant.training import LowPrecision, LowPrecisionOptimizer, prepare, unprepare
 
 OPTIMIZERS = ("adam", "sgd")
@@ -201,6 +202,33 @@ def _device_of(model: nn.Module) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+def make_recipe(
+    bits: Mapping[str, int],
+    *,
+    block: BlockKind,
+    rounding: str,
+    quantize_optimizer_state: bool = False,
+) -> LowPrecision:
+    """The paper's recipe from one word length per role (``weight``, ``activation``,
+    ``error``, ``gradient``; 32: FP32).
+
+    Weights, gradients (and optimizer state, when asked) share ``block``; activations and
+    errors take one exponent per tensor, as in the paper.
+    """
+
+    def fmt(role_bits: int, kind: BlockKind) -> BFP | None:
+        return None if role_bits == 32 else BFP(role_bits, kind, rounding)  # type: ignore[arg-type]
+
+    weight = fmt(bits["weight"], block)
+    return LowPrecision(
+        weight=weight,
+        activation=fmt(bits["activation"], "tensor"),
+        error=fmt(bits["error"], "tensor"),
+        gradient=fmt(bits["gradient"], block),
+        optimizer_state=weight if quantize_optimizer_state else None,
+    )
 
 
 def build_model(dataset: str, model: str) -> nn.Module:

@@ -73,3 +73,38 @@ def test_a_misconfigured_node_answers_with_an_error_naming_the_key() -> None:
     assert replies[102].has_error()
     assert "node config bits must be in 2..16 or 32 for FP32, got 1" in replies[102].error.reason
     assert outcome.strategy.traffic[1].replies == 2
+
+
+def test_delta_uploads_with_feedback_and_a_tracked_downlink() -> None:
+    nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+    overrides = {"upload": "delta", "upload-bits": 4, "downlink-bits": 8, "num-server-rounds": 2}
+    outcome, grid, replies = run(nodes, **overrides)
+    assert all(outcome.strategy.dropped(r) == [] for r in (1, 2))
+    assert {e["bits"] for e in read_manifest(replies[101].content["arrays"])} == {4}
+    state = grid.contexts[101].state
+    assert (
+        state["fedlpt.model-round"]["round"] == 2 and state["fedlpt.residual-round"]["round"] == 2
+    )
+    residual = state["fedlpt.residual"].to_torch_state_dict()
+    assert all(v.abs().max() > 0 for v in residual.values())  # rounding dropped something
+
+
+def test_a_node_without_the_copy_the_server_assumes_says_so_and_gets_the_full_model() -> None:
+    nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+    grids: list[LocalGrid] = []
+
+    def forget(node_id: int, reply: Message) -> Message:
+        if node_id == 101 and not forgotten:  # after round 1: as if its state was lost
+            grids[0].contexts[101].state["fedlpt.model-round"]["round"] = 99
+            forgotten.append(node_id)
+        return reply
+
+    forgotten: list[int] = []
+    config = {**default_run_config(), **FAST, "downlink-bits": 8, "num-server-rounds": 3}
+    grid = LocalGrid(client_app, nodes, config, reply_hook=forget)
+    grids.append(grid)
+    outcome = run_server(grid, config, write_results=False)
+    (dropped,) = outcome.strategy.dropped(2)
+    assert dropped.node_id == 101
+    assert "difference to the model of round 1, but this node holds round 99" in dropped.reason
+    assert outcome.strategy.dropped(3) == []  # round 3 sent it the full model

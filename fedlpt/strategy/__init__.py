@@ -3,11 +3,13 @@
 From the outside in, as the ServerApp composes them (Flower's DP wrappers compose the
 same way)::
 
-    TrafficMeter(CodecStrategy(ServerEMA(ReplyScreen(<any Flower strategy>))))
+    TrafficMeter(CodecStrategy(DeltaSync(ServerEMA(ReplyScreen(<any Flower strategy>)))))
 
 * :class:`~fedlpt.strategy.traffic.TrafficMeter`: bytes per round, as serialized;
 * :class:`~fedlpt.strategy.codec.CodecStrategy`: announces the upload format, encodes the
   downlink, decodes replies and drops the malformed ones;
+* :class:`~fedlpt.strategy.delta.DeltaSync`: delta uploads rebuilt on what each node
+  holds, and a downlink of error-fed differences to each node's copy;
 * :class:`~fedlpt.strategy.ema.ServerEMA`: the server's moving average of the model;
 * :class:`~fedlpt.strategy.screen.ReplyScreen`: only finite, well-formed, plausibly
   weighted replies reach aggregation, and only a finite aggregate leaves it;
@@ -30,6 +32,7 @@ _HOMES = {
     "StrategyWrapper": "base",
     "DroppedReply": "base",
     "CodecStrategy": "codec",
+    "DeltaSync": "delta",
     "ServerEMA": "ema",
     "ReplyScreen": "screen",
     "RunFailedError": "screen",

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
+from .. import protocol
 from ..protocol import write_upload_format
 from ..quant import BFP
 from ..quant.wire import PayloadError, encode_arrays, is_encoded, read_manifest, to_state_dict
@@ -43,7 +44,6 @@ class CodecStrategy(StrategyWrapper):
         self.sent: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         self._dropped: dict[int, list[DroppedReply]] = {}
         self.bits: dict[int, dict[int, int]] = {}  # round -> node -> bits it uploaded in
-        self._encoded: tuple[ArrayRecord, ArrayRecord] | None = None
 
     def summary(self) -> None:
         """Log the formats, then the inner chain."""
@@ -154,22 +154,30 @@ class CodecStrategy(StrategyWrapper):
     def _send(
         self, server_round: int, messages: Iterable[Message], arrays: ArrayRecord
     ) -> list[Message]:
+        """Encode each message's model in the downlink format, once per distinct record.
+
+        A message marked as carrying a node's full model (see :mod:`fedlpt.protocol`)
+        stays FP32: it becomes that node's exact copy.
+        """
         messages = list(messages)
         if self.downlink is None:
             return messages
-        encoded = self._downlink_record(server_round, arrays)
+        generator = torch.Generator().manual_seed(server_round)
+        encoded: dict[int, ArrayRecord] = {}
+        done: set[int] = set()
         for message in messages:
-            if self.arrayrecord_key in message.content.array_records:
-                message.content[self.arrayrecord_key] = encoded
+            content = message.content
+            if id(content) in done or self.arrayrecord_key not in content.array_records:
+                continue
+            done.add(id(content))
+            config = content.config_records.get(protocol.CONFIG_RECORD, {})
+            if config.get(protocol.DOWNLINK_BASE) == protocol.FULL_MODEL:
+                continue
+            record = content[self.arrayrecord_key]
+            if id(record) not in encoded:
+                encoded[id(record)] = encode_arrays(_tensors(record), self.downlink, generator)
+            content[self.arrayrecord_key] = encoded[id(record)]
         return messages
-
-    def _downlink_record(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
-        """The global model in the downlink format: encoded once per round, shared by all."""
-        if self._encoded is None or self._encoded[0] is not arrays:
-            generator = torch.Generator().manual_seed(server_round)
-            assert self.downlink is not None
-            self._encoded = (arrays, encode_arrays(_tensors(arrays), self.downlink, generator))
-        return self._encoded[1]
 
 
 def _tensors(arrays: ArrayRecord) -> dict[str, Tensor]:

@@ -119,9 +119,20 @@ def any_reply(draw, node_id: int) -> Message:
     return Message(content, reply_to=train_message(node_id))
 
 
-def chain(inner_name: str):
+TRAVEL = {
+    "weights": {},
+    "deltas and a tracked downlink": {"upload": "delta", "upload-bits": 4, "downlink-bits": 8},
+}
+
+
+def chain(inner_name: str, travel: str = "weights"):
     cfg = AppConfig.from_run_config(
-        {**default_run_config(), "strategy.name": inner_name, "max-failed-rounds": 0}
+        {
+            **default_run_config(),
+            **TRAVEL[travel],
+            "strategy.name": inner_name,
+            "max-failed-rounds": 0,
+        }
     )
     strategy = compose_strategy(cfg, build_strategy(cfg.strategy, cfg.strategy_params))
     nodes = [{"partition-id": i, "num-partitions": NODES} for i in range(NODES)]
@@ -131,11 +142,14 @@ def chain(inner_name: str):
     return strategy
 
 
+@pytest.mark.parametrize("travel", sorted(TRAVEL))
 @pytest.mark.parametrize("inner_name", INNER)
 @settings(max_examples=40)
 @given(data=st.data())
-def test_no_reply_can_crash_the_strategy_or_poison_the_model(inner_name: str, data) -> None:
-    strategy = chain(inner_name)
+def test_no_reply_can_crash_the_strategy_or_poison_the_model(
+    inner_name: str, travel: str, data
+) -> None:
+    strategy = chain(inner_name, travel)
     replies = [data.draw(any_reply(node_id)) for node_id in range(1, NODES + 1)]
     arrays, _ = strategy.aggregate_train(1, replies)  # must not raise
     if arrays is not None:
