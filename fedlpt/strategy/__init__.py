@@ -21,8 +21,7 @@ parser does it) loads no wrapper and no Flower strategy.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_face
 
 _HOMES = {
     "COMMON_PARAMS": "registry",
@@ -41,14 +40,4 @@ _HOMES = {
     "TrafficMeter": "traffic",
     "serialized_size": "traffic",
 }
-__all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__, __getattr__, __dir__ = lazy_face(__name__, _HOMES)
