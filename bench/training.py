@@ -157,7 +157,7 @@ def accuracy_runs(epochs: int) -> tuple[dict[str, list[float]], dict[str, float]
         for key, _, bits, block in ACC_RECIPES:
             # One partition of the whole train pool, none of it held out.
             train_loader, _ = load_partition(
-                "digits", 0, 1, alpha=0.0, seed=seed, batch_size=BATCH, test_fraction=0.0
+                "digits", 0, 1, alpha=1.0, partitioner="iid", seed=seed, batch_size=BATCH
             )
             torch.manual_seed(seed)
             model = ConvNet(1, 10, 8)

@@ -235,6 +235,9 @@ class AppConfig:
         check=_device,
     )
     results_dir: str = _setting("results", "where run folders go ($FEDLPT_RESULTS_DIR overrides)")
+    run_name: str = _setting(
+        "", "the run folder's name under results-dir; empty: time-dataset-model-bits-strategy"
+    )
     strategy: str = field(default="fedavg", metadata={"setting": None})
     strategy_params: Mapping[str, Any] = field(default_factory=dict, metadata={"setting": None})
 

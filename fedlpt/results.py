@@ -127,7 +127,14 @@ class RunRecorder:
     ) -> None:
         self.cfg = cfg
         self.run_config = dict(run_config)
-        if folder is None:
+        if folder is None and cfg.run_name:
+            folder = results_root(cfg) / cfg.run_name
+            if write and (folder / "results.json").exists():
+                raise FileExistsError(
+                    f"run folder {folder} holds a run already: continue it with "
+                    f"resume-from = {str(folder)!r}, or choose another run-name"
+                )
+        elif folder is None:
             bits = "fp32" if cfg.bits == 32 else f"{cfg.bits}bit"
             stamp = time.strftime("%Y%m%d-%H%M%S")
             name = f"{stamp}-{cfg.dataset}-{cfg.model}-{bits}-{cfg.strategy}"

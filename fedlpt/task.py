@@ -8,6 +8,7 @@ runs it over a loader and the training benchmark times it step by step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -172,6 +173,10 @@ def train(
                 examples += labels.shape[0]
                 steps += 1
     mean_loss = loss_sum.item() / examples if examples else float("nan")
+    if examples and not math.isfinite(mean_loss):
+        # The quantizers do not check every tensor (that would stall a GPU): a NaN or an
+        # Inf anywhere in the step shows here.
+        raise ValueError(f"local training diverged: the mean loss is {mean_loss}")
     return TrainResult(mean_loss, examples, steps), trainer.optimizer.state_dict()
 
 

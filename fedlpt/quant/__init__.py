@@ -16,6 +16,8 @@ from .bfp import (
     parse_block,
     quantize,
     quantize_,
+    quantize_tensors,
+    quantize_tensors_,
 )
 from .packing import pack_bits, packed_size, unpack_bits
 from .training import (
@@ -43,6 +45,8 @@ __all__ = [
     "quantize",
     "quantize_",
     "quantize_activation",
+    "quantize_tensors",
+    "quantize_tensors_",
     "unpack_bits",
     "unprepare",
 ]

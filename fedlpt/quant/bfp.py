@@ -15,45 +15,40 @@ departures, all documented in the README:
 * exponents are clamped to FP32's normal range ``[-126, 127]`` (SWALP: ``[-128, 127]``),
   which only differs for blocks whose largest magnitude is below ``2**-126``.
 
-Stochastic rounding adds an odd 16-bit dither per element (15 random bits), so rounding
-probabilities are exact to within ``2**-15``; activations and errors may use an 8-bit
-dither (7 random bits, ``2**-7``), half the random numbers. Everything runs in chunks
-small enough to stay in the CPU cache, which is what makes a chain of plain torch ops fast
-here.
+Stochastic rounding adds a dither of 23 random bits per element from a counter-based
+stream (a hash of the element's index and a seed drawn from the caller's generator), so
+rounding probabilities are exact to ``2**-23`` and results depend only on the seed, not
+on the device or on how tensors are batched. The rounding itself is one kernel
+(:mod:`fedlpt.quant.kernels`), compiled by ``torch.compile`` where possible.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Literal, Union
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from .kernels import (
+    EXPONENT_MAX,
+    EXPONENT_MIN,
+    power_of_two,
+    round_block_list_kernel,
+    round_blocks_kernel,
+)
 
 BlockKind = Union[Literal["tensor", "row", "kernel"], int]  # noqa: UP007 (runtime alias)
 Rounding = Literal["nearest", "stochastic"]
 
-EXPONENT_MIN = -126
-EXPONENT_MAX = 127
 MIN_BITS = 2
 MAX_BITS = 16
 FP32_BITS = 32  # where a config accepts FP32, it is spelled as this bit width
 BLOCK_NAMES = ("tensor", "row", "kernel")
 ROUNDINGS = ("nearest", "stochastic")
-# Elements processed per step: 2**16 float32 values (256 KiB) stay in L2 cache, so the
-# five or six passes over a chunk cost about one pass over memory.
-_CHUNK = 1 << 18
-# The dither is an odd integer r of 16 (or 8) bits: r * 2**-16 lies strictly inside
-# (-1/2, 1/2), so a value already on the grid never meets a tie, and r * 2**-16 + 1/2 lies
-# strictly inside (0, 1).
-DITHER_BITS = (8, 16)
-_DITHER_OFFSET = 0.5
-_ODD_LANES = {16: np.uint64(0x0001_0001_0001_0001), 8: np.uint64(0x0101_0101_0101_0101)}
-_LANE_DTYPES = {16: (np.int16, torch.int16), 8: (np.int8, torch.int8)}
+_SEED_BITS = 31  # seeds are non-negative int32 values
 
 
 @dataclass(frozen=True)
@@ -195,218 +190,6 @@ def _block_views(flat: Tensor, layout: list[tuple[int, int]]) -> list[Tensor]:
     return views
 
 
-def _pow2(k: Tensor) -> Tensor:
-    """Exact ``2.0**k`` in float32 for int32 ``k`` in [-149, 127], built from its bits."""
-    normal = (k + 127).clamp(min=1).bitwise_left_shift(23)
-    subnormal = torch.ones_like(k).bitwise_left_shift((k + 149).clamp(0, 22))
-    return torch.where(k >= EXPONENT_MIN, normal, subnormal).view(torch.float32)
-
-
-def block_exponents(views: list[Tensor]) -> Tensor:
-    """Shared exponent ``floor(log2(max|x|))`` of every block, int32 ``[total_blocks]``.
-
-    All-zero blocks get ``EXPONENT_MIN``. Raises ValueError on NaN or Inf.
-    """
-    parts = []
-    for view in views:
-        if view.shape[0] == 1:  # one block (activations): Python scalars beat tiny kernels
-            parts.append(torch.tensor([_scalar_exponent(view)], dtype=torch.int32))
-            continue
-        largest = torch.maximum(view.amax(dim=1), view.amin(dim=1).neg())
-        if not bool(torch.isfinite(largest).all()):
-            raise ValueError("cannot quantize a tensor that contains NaN or Inf")
-        exps = torch.frexp(largest).exponent - 1
-        exps = torch.where(largest > 0, exps, EXPONENT_MIN)
-        parts.append(exps.clamp_(EXPONENT_MIN, EXPONENT_MAX).to(torch.int32))
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
-
-
-def _scalar_exponent(view: Tensor) -> int:
-    low, high = torch.aminmax(view)  # one pass over the data (amax + amin would be two)
-    largest = max(high.item(), -low.item())
-    if not math.isfinite(largest):
-        raise ValueError("cannot quantize a tensor that contains NaN or Inf")
-    if largest == 0:
-        return EXPONENT_MIN
-    return min(max(math.frexp(largest)[1] - 1, EXPONENT_MIN), EXPONENT_MAX)
-
-
-def _chunks(rows: int, cols: int) -> Iterator[tuple[int, int, int, int]]:
-    """Tiles ``(r0, r1, c0, c1)`` of about ``_CHUNK`` elements covering a rows x cols view."""
-    if cols >= _CHUNK:
-        for r in range(rows):
-            for c0 in range(0, cols, _CHUNK):
-                yield r, r + 1, c0, min(c0 + _CHUNK, cols)
-    else:
-        step = _CHUNK // cols
-        for r0 in range(0, rows, step):
-            yield r0, min(r0 + step, rows), 0, cols
-
-
-Factor = Union[Tensor, float]  # noqa: UP007 (runtime alias)
-# Step exponents for which the magic-number rounding is exact and its constants are
-# normal float32 numbers (including ``step * 2**-16``).
-_MAGIC_STEP_EXPONENTS = (-110, 104)
-
-
-def _block_factors(exps: Tensor, bits: int) -> tuple[Factor, Factor | None, Factor]:
-    """Per-block ``(up, up_rest, down)``: grid -> integers is ``x * up * up_rest``,
-    integers -> grid is ``i * down``. Columns ``[B, 1]``, or floats for a single block.
-
-    ``2**(bits - 2 - e)`` exceeds FP32 for tiny blocks at high bit widths, so it is split
-    into two exact factors; ``up_rest`` is None when no block needs the second one.
-    """
-    if exps.numel() == 1:
-        up_exp = bits - 2 - int(exps[0])
-        rest = math.ldexp(1.0, up_exp - EXPONENT_MAX) if up_exp > EXPONENT_MAX else None
-        return math.ldexp(1.0, min(up_exp, EXPONENT_MAX)), rest, math.ldexp(1.0, -up_exp)
-    up_exp = (bits - 2) - exps
-    up_hi = up_exp.clamp(max=EXPONENT_MAX)
-    up_rest = _pow2(up_exp - up_hi).unsqueeze(1) if bool((up_exp > EXPONENT_MAX).any()) else None
-    return _pow2(up_hi).unsqueeze(1), up_rest, _pow2(-up_exp).unsqueeze(1)
-
-
-class _Dither:
-    """Odd integers of ``bits`` bits (``bits - 1`` random ones), reproducible from a generator.
-
-    On the CPU they come from NumPy's SFC64, seeded by one draw from ``generator``: that
-    bit generator makes 64 random bits about twice as fast as torch's MT19937, and the
-    random bits are the largest cost of stochastic rounding.
-    """
-
-    def __init__(
-        self, generator: torch.Generator | None, device: torch.device, bits: int = 16
-    ) -> None:
-        if bits not in DITHER_BITS:
-            raise ValueError(f"dither_bits must be one of {DITHER_BITS}, got {bits!r}")
-        self.generator, self.device, self.lane_bits = generator, device, bits
-        self.scale = 2.0**-bits  # r * scale lies strictly inside (-1/2, 1/2)
-        if device.type == "cpu":
-            seed = torch.randint(0, 2**63 - 1, (1,), generator=generator).item()
-            self.bits = np.random.SFC64(seed)
-
-    def draw(self, count: int) -> Tensor:
-        """``count`` odd values, uniform over ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``."""
-        per_word = 64 // self.lane_bits
-        words = (count + per_word - 1) // per_word
-        np_dtype, torch_dtype = _LANE_DTYPES[self.lane_bits]
-        if self.device.type == "cpu":
-            raw = self.bits.random_raw(words)
-            raw |= _ODD_LANES[self.lane_bits]
-            return torch.from_numpy(raw.view(np_dtype)[:count])
-        lanes = torch.empty(words, dtype=torch.int64, device=self.device)
-        lanes.random_(-(2**63), 2**63 - 1, generator=self.generator)
-        lanes.bitwise_or_(int(_ODD_LANES[self.lane_bits].astype(np.int64)))
-        return lanes.view(torch_dtype)[:count]
-
-
-def _rows(factor: Factor, b0: int, b1: int) -> Factor:
-    return factor if isinstance(factor, float) else factor[b0:b1]
-
-
-def _round_views(
-    src_views: list[Tensor],
-    dst_views: list[Tensor],
-    exps: Tensor,
-    fmt: BFP,
-    generator: torch.Generator | None,
-    dequantize: bool,
-    dither_bits: int = 16,
-) -> None:
-    """Round every block of ``src_views`` onto the grid and write it to ``dst_views``.
-
-    ``dequantize=True`` writes grid values (float); otherwise the integer codes.
-    """
-    stochastic = fmt.rounding == "stochastic"
-    dither = _Dither(generator, exps.device, dither_bits) if stochastic else None
-    step_exps = (int(exps.min()), int(exps.max())) if exps.numel() else (0, 0)
-    step_exps = (step_exps[0] - (fmt.bits - 2), step_exps[1] - (fmt.bits - 2))
-    if (
-        dequantize
-        and (dither is None or fmt.bits <= 8)
-        and _MAGIC_STEP_EXPONENTS[0] <= step_exps[0]
-        and step_exps[1] <= _MAGIC_STEP_EXPONENTS[1]
-    ):
-        _round_onto_grid(src_views, dst_views, exps, fmt, dither)
-        return
-    up, up_rest, down = _block_factors(exps, fmt.bits)
-    limit = float(fmt.max_code)
-    first_block = 0
-    for src, dst in zip(src_views, dst_views, strict=True):
-        rows, cols = src.shape
-        for r0, r1, c0, c1 in _chunks(rows, cols):
-            b0, b1 = first_block + r0, first_block + r1
-            y = torch.mul(src[r0:r1, c0:c1], _rows(up, b0, b1))
-            if up_rest is not None:
-                y.mul_(_rows(up_rest, b0, b1))
-            if dither is not None:
-                noise = dither.draw(y.numel()).view(y.shape)
-                if fmt.bits <= 8:
-                    # |y| < 2**7, so y + r * 2**-16 is exact in float32: round it.
-                    y.add_(noise, alpha=dither.scale).round_()
-                else:
-                    # Wider codes leave fewer fraction bits: floor(frac(y) + u) + floor(y).
-                    whole = torch.floor(y)
-                    y.sub_(whole).add_(noise, alpha=dither.scale).add_(_DITHER_OFFSET)
-                    y.floor_().add_(whole)
-            else:
-                y.round_()
-            y.clamp_(-limit, limit)
-            if dequantize:
-                torch.mul(y, _rows(down, b0, b1), out=dst[r0:r1, c0:c1])
-            else:
-                dst[r0:r1, c0:c1].copy_(y)
-        first_block += rows
-
-
-def _round_onto_grid(
-    src_views: list[Tensor],
-    dst_views: list[Tensor],
-    exps: Tensor,
-    fmt: BFP,
-    dither: _Dither | None,
-) -> None:
-    """Fast path of :func:`_round_views` for grid values: round in value units.
-
-    Adding ``1.5 * 2**23 * step`` leaves exactly the multiples of ``step`` representable,
-    so one add and one subtract round to the grid (ties to even) with no scaling passes;
-    the dither ``r * step * 2**-16`` is added first, exactly for ``bits <= 8``.
-    """
-    if exps.numel() == 1:
-        step_exp = int(exps[0]) - (fmt.bits - 2)
-        step: Factor = math.ldexp(1.0, step_exp)
-        magic: Factor = math.ldexp(1.5, step_exp + 23)
-        top: Factor = fmt.max_code * step
-    else:
-        step_exps = exps - (fmt.bits - 2)
-        step = _pow2(step_exps).unsqueeze(1)
-        magic = _pow2(step_exps + 23).unsqueeze(1).mul_(1.5)
-        top = step * fmt.max_code
-    first_block = 0
-    for src, dst in zip(src_views, dst_views, strict=True):
-        rows, cols = src.shape
-        for r0, r1, c0, c1 in _chunks(rows, cols):
-            b0, b1 = first_block + r0, first_block + r1
-            x, out = src[r0:r1, c0:c1], dst[r0:r1, c0:c1]
-            row_magic = _rows(magic, b0, b1)
-            if dither is not None:
-                noise = dither.draw(x.numel()).view(x.shape)
-                if isinstance(step, float):
-                    torch.add(x, noise, alpha=step * dither.scale, out=out)
-                else:
-                    torch.addcmul(x, noise, step[b0:b1], value=dither.scale, out=out)
-                out.add_(row_magic)
-            else:
-                torch.add(x, row_magic, out=out)
-            out.sub_(row_magic)
-            if isinstance(top, float):
-                out.clamp_(-top, top)
-            else:
-                row_top = top[b0:b1]
-                torch.clamp(out, min=-row_top, max=row_top, out=out)
-        first_block += rows
-
-
 def _as_float32_flat(x: Tensor) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
@@ -415,71 +198,186 @@ def _as_float32_flat(x: Tensor) -> Tensor:
     return x.detach().to(torch.float32).contiguous().view(-1)
 
 
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A seed for the dither, drawn from ``generator`` (torch's default if None).
+
+    An accelerator's generator is advanced on the host (its Philox offset), so drawing a
+    seed never waits for the device.
+    """
+    generator = torch.default_generator if generator is None else generator
+    if generator.device.type != "cpu":
+        try:
+            offset = generator.get_offset()
+            generator.set_offset(offset + 4)
+            return stream_seed(generator.initial_seed(), offset)
+        except (AttributeError, RuntimeError):
+            pass  # a generator without offsets: draw on its device
+    draw = torch.randint(0, 1 << _SEED_BITS, (1,), generator=generator, device=generator.device)
+    return int(draw.item())
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """The seed of sub-stream ``stream`` of ``seed`` (a SplitMix64 step, 31 bits kept)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (stream + 1) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) >> (64 - _SEED_BITS)
+
+
+def _check_finite(finite: Tensor) -> None:
+    """Raise ValueError if the kernel flagged a NaN or Inf (reads the flag: a sync on a GPU)."""
+    if not bool(finite):
+        raise ValueError("cannot quantize a tensor that contains NaN or Inf")
+
+
+def _round_flat(
+    flat: Tensor, shape: tuple[int, ...], fmt: BFP, seed: int, codes: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(rounded [numel], exponents [blocks], finite)`` of a flat float32 tensor."""
+    layout = block_layout(shape, fmt.block)
+    stochastic = fmt.rounding == "stochastic"
+    if not layout:
+        empty = torch.empty(0, dtype=torch.int32, device=flat.device)
+        kind = (torch.int8 if fmt.bits <= 8 else torch.int16) if codes else flat.dtype
+        return flat.to(kind), empty, torch.ones((), dtype=torch.bool, device=flat.device)
+    parts, exponents, flags, offset = [], [], [], 0
+    for view in _block_views(flat, layout):
+        rounded, exponent, finite = round_blocks_kernel(
+            view, seed, offset, static=(fmt.bits, stochastic, codes)
+        )
+        parts.append(rounded.reshape(-1))
+        exponents.append(exponent)
+        flags.append(finite)
+        offset += view.numel()
+    if len(parts) == 1:
+        return parts[0], exponents[0], flags[0]
+    return torch.cat(parts), torch.cat(exponents), torch.stack(flags).all()
+
+
 def quantize(
-    x: Tensor, fmt: BFP, generator: torch.Generator | None = None, *, dither_bits: int = 16
+    x: Tensor,
+    fmt: BFP,
+    generator: torch.Generator | None = None,
+    *,
+    seed: int | None = None,
+    check: bool = True,
 ) -> Tensor:
     """Fake-quantize ``x`` to ``fmt``: same shape and dtype, values on the BFP grid.
 
     Arithmetic is float32 (inputs of other float dtypes are converted, then back). Not
-    differentiable: the result is detached. Stochastic rounding draws from ``generator``
-    (or torch's default generator) ``dither_bits`` (16 or 8) per element, of which all but
-    one are random: rounding probabilities are exact to ``2**-15`` (or ``2**-7``). Raises
-    ValueError on NaN or Inf.
+    differentiable: the result is detached. Stochastic rounding draws a seed from
+    ``generator`` (or uses ``seed``); ``quantize(x, f, g)`` equals
+    ``quantize_tensors([x], f, g)[0]`` for generators in the same state.
+
+    Args:
+        check: raise ValueError on NaN or Inf. It reads a flag back from the device;
+            the training hot path passes False and lets a NaN show in the loss instead.
     """
     flat = _as_float32_flat(x)
-    out = torch.empty_like(flat)
-    _quantize_flat(flat, out, tuple(x.shape), fmt, generator, dither_bits)
+    seed = stream_seed(draw_seed(generator), 0) if seed is None else seed
+    out, _, finite = _round_flat(flat, tuple(x.shape), fmt, seed, codes=False)
+    if check:
+        _check_finite(finite)
     return out.view(x.shape).to(x.dtype)
 
 
 def quantize_(
-    x: Tensor, fmt: BFP, generator: torch.Generator | None = None, *, dither_bits: int = 16
-) -> Tensor:
-    """In-place :func:`quantize` of a contiguous float32 tensor; returns ``x``."""
-    if x.dtype != torch.float32 or not x.is_contiguous():
-        with torch.no_grad():
-            return x.copy_(quantize(x, fmt, generator, dither_bits=dither_bits))
-    with torch.no_grad():
-        flat = x.view(-1)
-        _quantize_flat(flat, flat, tuple(x.shape), fmt, generator, dither_bits)
-    return x
-
-
-def _quantize_flat(
-    flat: Tensor,
-    out: Tensor,
-    shape: tuple[int, ...],
+    x: Tensor,
     fmt: BFP,
-    gen: torch.Generator | None,
-    dither_bits: int = 16,
+    generator: torch.Generator | None = None,
+    *,
+    seed: int | None = None,
+    check: bool = True,
+) -> Tensor:
+    """In-place :func:`quantize`; returns ``x``."""
+    with torch.no_grad():
+        return x.copy_(quantize(x, fmt, generator, seed=seed, check=check))
+
+
+def quantize_tensors(
+    tensors: Sequence[Tensor],
+    fmt: BFP,
+    generator: torch.Generator | None = None,
+    *,
+    check: bool = True,
+) -> list[Tensor]:
+    """:func:`quantize` of every tensor, in one call that batches the small ones.
+
+    Same order and same results as quantizing each alone: tensor ``i`` uses the stream
+    ``stream_seed(s, i)`` of one seed ``s`` drawn from ``generator``, i.e. it equals
+    ``quantize(tensors[i], fmt, seed=stream_seed(s, i))``.
+    """
+    base = draw_seed(generator)
+    flats = [_as_float32_flat(t) for t in tensors]
+    views, seeds, offsets, owners = [], [], [], []
+    for index, (tensor, flat) in enumerate(zip(tensors, flats, strict=True)):
+        offset = 0
+        for view in _block_views(flat, block_layout(tuple(tensor.shape), fmt.block)):
+            views.append(view)
+            seeds.append(stream_seed(base, index))
+            offsets.append(offset)
+            owners.append(index)
+            offset += view.numel()
+    stochastic = fmt.rounding == "stochastic"
+    if views:
+        rounded, finite = round_block_list_kernel(
+            views, seeds, offsets, static=(fmt.bits, stochastic)
+        )
+        if check:
+            _check_finite(finite)
+    else:
+        rounded = []
+    pieces: list[list[Tensor]] = [[] for _ in tensors]
+    for owner, piece in zip(owners, rounded, strict=True):
+        pieces[owner].append(piece.reshape(-1))
+    results = []
+    for tensor, flat, parts in zip(tensors, flats, pieces, strict=True):
+        out = flat.clone() if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
+        results.append(out.view(tensor.shape).to(tensor.dtype))
+    return results
+
+
+def quantize_tensors_(
+    tensors: Sequence[Tensor],
+    fmt: BFP,
+    generator: torch.Generator | None = None,
+    *,
+    check: bool = True,
 ) -> None:
-    if dither_bits not in DITHER_BITS:
-        raise ValueError(f"dither_bits must be one of {DITHER_BITS}, got {dither_bits!r}")
-    layout = block_layout(shape, fmt.block)
-    src = _block_views(flat, layout)
-    exps = block_exponents(src)
-    _round_views(src, _block_views(out, layout), exps, fmt, gen, True, dither_bits)
+    """In-place :func:`quantize_tensors`."""
+    if not tensors:
+        return
+    rounded = quantize_tensors(tensors, fmt, generator, check=check)
+    with torch.no_grad():
+        torch._foreach_copy_(list(tensors), rounded)
 
 
 def encode_codes(
-    x: Tensor, fmt: BFP, generator: torch.Generator | None = None, out: Tensor | None = None
+    x: Tensor,
+    fmt: BFP,
+    generator: torch.Generator | None = None,
+    out: Tensor | None = None,
+    *,
+    seed: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Integer codes and exponents of ``x`` in ``fmt``.
+    """Integer codes and exponents of ``x`` in ``fmt``, on ``x``'s device.
 
     Returns ``(codes, exponents)``: codes ``[numel]`` (int8 for bits <= 8, else int16, or
-    written into ``out`` when given) and exponents int8 ``[num_blocks]``.
+    written into ``out`` when given) and exponents int8 ``[num_blocks]``. Decoding them
+    gives exactly ``quantize(x, fmt, seed=...)`` for the same seed. Raises ValueError on
+    NaN or Inf.
     """
     flat = _as_float32_flat(x)
-    layout = block_layout(tuple(x.shape), fmt.block)
     code_dtype = torch.int8 if fmt.bits <= 8 else torch.int16
-    if out is None:
-        out = torch.empty(flat.numel(), dtype=code_dtype)
-    elif out.dtype != code_dtype or out.numel() != flat.numel():
+    if out is not None and (out.dtype != code_dtype or out.numel() != flat.numel()):
         raise ValueError(f"out must be {code_dtype} with {flat.numel()} elements")
-    src = _block_views(flat, layout)
-    exps = block_exponents(src)
-    _round_views(src, _block_views(out, layout), exps, fmt, generator, dequantize=False)
-    return out, exps.to(torch.int8)
+    seed = stream_seed(draw_seed(generator), 0) if seed is None else seed
+    codes, exponents, finite = _round_flat(flat, tuple(x.shape), fmt, seed, codes=True)
+    _check_finite(finite)
+    if out is not None:
+        out.copy_(codes)
+        codes = out
+    return codes, exponents.to(torch.int8)
 
 
 def decode_codes(
@@ -487,13 +385,13 @@ def decode_codes(
 ) -> Tensor:
     """Float32 tensor of ``shape`` from integer ``codes`` ``[numel]`` and block exponents."""
     layout = block_layout(shape, block)
-    out = torch.empty(prod(shape), dtype=torch.float32)
-    step = _pow2(exponents.to(torch.int32) - (bits - 2)).unsqueeze(1)
-    first_block = 0
+    out = torch.empty(prod(shape), dtype=torch.float32, device=codes.device)
+    up = (bits - 2) - exponents.to(device=codes.device, dtype=torch.int32).view(-1, 1)
+    up_high = up.clamp(EXPONENT_MIN, EXPONENT_MAX - 1)
+    down_low, down_high = power_of_two(up_high - up), power_of_two(-up_high)
+    first = 0
     for src, dst in zip(_block_views(codes, layout), _block_views(out, layout), strict=True):
-        rows, cols = src.shape
-        for r0, r1, c0, c1 in _chunks(rows, cols):
-            b0, b1 = first_block + r0, first_block + r1
-            torch.mul(src[r0:r1, c0:c1], step[b0:b1], out=dst[r0:r1, c0:c1])
-        first_block += rows
+        rows = slice(first, first + src.shape[0])
+        torch.mul(src, down_low[rows], out=dst).mul_(down_high[rows])
+        first += src.shape[0]
     return out.view(shape)

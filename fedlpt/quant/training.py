@@ -1,24 +1,29 @@
 """Low-precision training: a recipe of formats, activation/error quantizers, an optimizer wrapper.
 
 As in the paper (and QPyTorch's ``OptimLP``), arithmetic is simulated in float32 but every
-quantity that the paper keeps in low precision is rounded onto its BFP grid:
+quantity that the paper keeps in low precision is rounded onto its BFP grid (stochastic
+rounding draws its seeds from one generator):
 
 * activations after every conv, linear, activation and pooling module (forward), and the
   errors flowing back through the same points (backward), by :func:`prepare`;
 * gradients before the optimizer step, weights after it (no FP32 master copy), and, when
-  asked, the optimizer's state (SGD momentum, Adam moments), by :class:`LowPrecisionOptimizer`.
+  asked, the optimizer's state (SGD momentum, Adam moments), by :class:`LowPrecisionOptimizer`,
+  each kind in one batched call.
+
+The hot path never reads a value back from the device: a NaN or an Inf is not checked
+at every rounding but shows in the loss, which the training loop checks once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .bfp import BFP, DITHER_BITS, BlockKind, quantize, quantize_
+from .bfp import BFP, BlockKind, quantize, quantize_tensors_
 
 # Modules after which the paper quantizes the activation (and, backwards, the error).
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -32,9 +37,6 @@ _POOLING = (
     nn.AdaptiveAvgPool2d,
 )
 QUANTIZED_MODULES: tuple[type[nn.Module], ...] = _WEIGHTED + _ACTIVATIONS + _POOLING
-# Their backward does not read their own output, so the quantizer may overwrite it in place
-# and save an allocation (ReLU, Sigmoid and Tanh keep their output for the backward).
-_OUTPUT_NOT_SAVED: tuple[type[nn.Module], ...] = _WEIGHTED + _POOLING
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,6 @@ class LowPrecision:
         error: format of the back-propagated errors at the same points.
         gradient: format of parameter gradients before the optimizer step.
         optimizer_state: format of optimizer state tensors (momentum, Adam moments).
-        dither_bits: random bits drawn per element when activations and errors are rounded
-            stochastically: 8 (7 random, rounding probabilities exact to 1/128; half the
-            cost) or 16. Weights, gradients and optimizer state always draw 16, because
-            updates far below one step survive only through exact probabilities.
     """
 
     weight: BFP | None = None
@@ -58,17 +56,11 @@ class LowPrecision:
     error: BFP | None = None
     gradient: BFP | None = None
     optimizer_state: BFP | None = None
-    dither_bits: int = 8
 
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.name == "dither_bits":
-                if value not in DITHER_BITS:
-                    raise ValueError(
-                        f"LowPrecision.dither_bits must be one of {DITHER_BITS}, got {value!r}"
-                    )
-            elif value is not None and not isinstance(value, BFP):
+            if value is not None and not isinstance(value, BFP):
                 raise TypeError(f"LowPrecision.{field.name} must be a BFP or None, got {value!r}")
 
     @classmethod
@@ -100,7 +92,7 @@ class LowPrecision:
     @property
     def is_fp32(self) -> bool:
         """Whether no role is quantized."""
-        return all(getattr(self, f.name) is None for f in fields(self) if f.name != "dither_bits")
+        return all(getattr(self, f.name) is None for f in fields(self))
 
 
 class _QuantizeActivation(torch.autograd.Function):
@@ -113,23 +105,17 @@ class _QuantizeActivation(torch.autograd.Function):
         activation: BFP | None,
         error: BFP | None,
         generator: torch.Generator | None,
-        in_place: bool,
-        dither_bits: int,
     ) -> Tensor:
-        ctx.error, ctx.generator, ctx.dither_bits = error, generator, dither_bits
+        ctx.error, ctx.generator = error, generator
         if activation is None:
             return x.view_as(x)
-        if in_place and x.dtype == torch.float32 and x.is_contiguous():
-            ctx.mark_dirty(x)
-            return quantize_(x, activation, generator, dither_bits=dither_bits)
-        return quantize(x, activation, generator, dither_bits=dither_bits)
+        return quantize(x, activation, generator, check=False)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:  # type: ignore[override]
-        # Out of place: autograd may hand the same gradient tensor to several branches.
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
         if ctx.error is not None:
-            grad = quantize(grad, ctx.error, ctx.generator, dither_bits=ctx.dither_bits)
-        return grad, None, None, None, None, None
+            grad = quantize(grad, ctx.error, ctx.generator, check=False)
+        return grad, None, None, None
 
 
 def quantize_activation(
@@ -137,16 +123,9 @@ def quantize_activation(
     activation: BFP | None,
     error: BFP | None,
     generator: torch.Generator | None = None,
-    *,
-    in_place: bool = False,
-    dither_bits: int = 16,
 ) -> Tensor:
-    """``x`` rounded to ``activation``; its gradient is rounded to ``error`` on the way back.
-
-    ``in_place=True`` overwrites ``x`` (only where nothing else needs its old value);
-    ``dither_bits`` is passed to :func:`quantize`.
-    """
-    return _QuantizeActivation.apply(x, activation, error, generator, in_place, dither_bits)
+    """``x`` rounded to ``activation``; its gradient is rounded to ``error`` on the way back."""
+    return _QuantizeActivation.apply(x, activation, error, generator)
 
 
 def prepare(
@@ -161,13 +140,10 @@ def prepare(
         raise ValueError("model is already prepared for low-precision training")
     handles = []
     if recipe.activation is not None or recipe.error is not None:
-        activation, error, dither_bits = recipe.activation, recipe.error, recipe.dither_bits
+        activation, error = recipe.activation, recipe.error
 
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            in_place = isinstance(module, _OUTPUT_NOT_SAVED)
-            return quantize_activation(
-                output, activation, error, generator, in_place=in_place, dither_bits=dither_bits
-            )
+            return quantize_activation(output, activation, error, generator)
 
         for module in model.modules():
             if isinstance(module, QUANTIZED_MODULES):
@@ -190,8 +166,12 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
     Before the wrapped step every gradient is rounded to ``recipe.gradient``; after it
     every parameter is overwritten with its ``recipe.weight`` value (no FP32 master copy)
     and, if ``recipe.optimizer_state`` is set, every floating state tensor shaped like its
-    parameter is rounded too. Parameters are rounded once on wrapping, so the first
-    forward pass already sees low-precision weights.
+    parameter is rounded too; each of these is one batched call. Parameters are rounded
+    once on wrapping, so the first forward pass already sees low-precision weights.
+
+    It is a real ``torch.optim.Optimizer`` sharing the wrapped optimizer's
+    ``param_groups`` and ``state`` (the same objects): learning-rate schedulers, step
+    hooks and ``state_dict`` / ``load_state_dict`` work on it.
     """
 
     def __init__(
@@ -200,26 +180,29 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         recipe: LowPrecision,
         generator: torch.Generator | None = None,
     ) -> None:
-        # Share, not copy, the inner optimizer's state so schedulers and checkpoints work.
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"expected a torch optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         self.recipe = recipe
         self.generator = generator
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        # Share, not copy: the base __init__ rebuilt the groups; point at the inner ones.
         self.param_groups = optimizer.param_groups
-        self.defaults = optimizer.defaults
         self.state = optimizer.state
         self._quantize_params(recipe.weight)
 
-    def _params(self) -> Iterable[nn.Parameter]:
-        for group in self.param_groups:
-            yield from group["params"]
+    def _params(self) -> list[Tensor]:
+        return [
+            p
+            for group in self.param_groups
+            for p in group["params"]
+            if p.is_floating_point() and p.numel()
+        ]
 
     @torch.no_grad()
     def _quantize_params(self, fmt: BFP | None) -> None:
-        if fmt is None:
-            return
-        for param in self._params():
-            if param.is_floating_point() and param.numel():
-                quantize_(param.data, fmt, self.generator)
+        if fmt is not None:
+            quantize_tensors_(self._params(), fmt, self.generator, check=False)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -229,22 +212,22 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.recipe.gradient is not None:
-            for param in self._params():
-                if param.grad is not None and param.grad.numel():
-                    quantize_(param.grad, self.recipe.gradient, self.generator)
+            grads = [p.grad for p in self._params() if p.grad is not None]
+            quantize_tensors_(grads, self.recipe.gradient, self.generator, check=False)
         self.optimizer.step()
         self._quantize_params(self.recipe.weight)
         state_fmt = self.recipe.optimizer_state
         if state_fmt is not None:
-            for param in self._params():
-                for value in self.optimizer.state.get(param, {}).values():
-                    if (
-                        isinstance(value, Tensor)
-                        and value.is_floating_point()
-                        and value.shape == param.shape
-                        and value.numel()
-                    ):
-                        quantize_(value, state_fmt, self.generator)
+            states = [
+                value
+                for param in self._params()
+                for value in self.optimizer.state.get(param, {}).values()
+                if isinstance(value, Tensor)
+                and value.is_floating_point()
+                and value.shape == param.shape
+                and value.numel()
+            ]
+            quantize_tensors_(states, state_fmt, self.generator, check=False)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -256,10 +239,10 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load the wrapped optimizer's state dict."""
+        """Load the wrapped optimizer's state dict; the two keep sharing their state."""
         self.optimizer.load_state_dict(state_dict)
-        self.state = self.optimizer.state
         self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
 
     def __repr__(self) -> str:
         return f"LowPrecisionOptimizer({self.optimizer!r}, {self.recipe!r})"

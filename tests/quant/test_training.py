@@ -1,12 +1,9 @@
 """Low-precision training: the quantizers really act, FP32 is plain PyTorch, FedProx, seeds."""
 
-import math
-
 import pytest
 import torch
 from torch import nn
 
-from fedlpt.models import MLP, ConvNet
 from fedlpt.quant import (
     BFP,
     LowPrecision,
@@ -16,24 +13,8 @@ from fedlpt.quant import (
     unprepare,
 )
 from fedlpt.quant.wire import decode_arrays, encode_arrays
-from fedlpt.task import evaluate, proximal_term, train
-
-
-def on_grid(t: torch.Tensor, fmt: BFP) -> bool:
-    return torch.equal(quantize(t, BFP(fmt.bits, fmt.block, "nearest")), t)
-
-
-def batches(n: int = 4, batch: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(batch, 1, 8, 8, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
-        for _ in range(n)
-    ]
-
-
-def small_convnet() -> nn.Module:
-    torch.manual_seed(0)
-    return ConvNet(in_channels=1, num_classes=10, image_size=8, width=8)
+from fedlpt.task import train
+from tests.tiny import batches, on_grid, small_convnet
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -131,84 +112,3 @@ def test_prepared_model_keeps_the_plain_state_dict_keys_and_values() -> None:
     plain.load_state_dict(prepared.state_dict())
     with pytest.raises(ValueError, match="already prepared"):
         prepare(prepared, LowPrecision.uniform(8))
-
-
-def test_train_leaves_the_model_without_quantizers() -> None:
-    model = small_convnet()
-    train(model, batches(1), recipe=LowPrecision.uniform(4), seed=0)
-    images = batches(1)[0][0]
-    out = model(images)
-    assert not on_grid(out.detach(), BFP(4, "tensor"))
-
-
-def test_proximal_term_value_and_gradient() -> None:
-    model = nn.Linear(3, 2)
-    global_params = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
-    with torch.no_grad():
-        model.weight.fill_(2.0)
-        model.bias.fill_(-1.0)
-    mu = 0.3
-    term = proximal_term(model, global_params, mu)
-    assert math.isclose(term.item(), 0.5 * mu * (6 * 4.0 + 2 * 1.0), rel_tol=1e-6)
-    term.backward()
-    assert torch.allclose(model.weight.grad, mu * model.weight.detach())
-    assert torch.allclose(model.bias.grad, mu * model.bias.detach())
-
-
-def test_proximal_term_pulls_training_towards_the_global_model() -> None:
-    start = small_convnet()
-    global_state = {k: v.clone() for k, v in start.state_dict().items()}
-
-    def drift(mu: float) -> float:
-        model = small_convnet()
-        train(model, batches(8), recipe=LowPrecision(), lr=1e-2, proximal_mu=mu, seed=0)
-        return sum((p - global_state[k]).pow(2).sum().item() for k, p in model.named_parameters())
-
-    assert drift(10.0) < drift(0.0)
-
-
-def test_training_is_deterministic_given_the_seed() -> None:
-    def run(seed: int) -> dict[str, torch.Tensor]:
-        model = small_convnet()
-        train(model, batches(3), recipe=LowPrecision.uniform(6), seed=seed)
-        return model.state_dict()
-
-    a, b, c = run(5), run(5), run(6)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert any(not torch.equal(a[k], c[k]) for k in a)
-
-
-def test_optimizer_state_resumes_across_calls() -> None:
-    model = small_convnet()
-    _, state = train(model, batches(2), recipe=LowPrecision.uniform(8), seed=0)
-    result, state2 = train(
-        model, batches(2), recipe=LowPrecision.uniform(8), seed=1, optimizer_state=state
-    )
-    assert result.steps == 2 and result.num_examples == 16
-    assert all(s["step"] == 4 for s in state2["state"].values())
-
-
-def test_low_precision_mlp_learns_a_separable_problem() -> None:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(512, 1, 8, 8, generator=gen)
-    y = (x.view(512, -1)[:, :32].sum(1) > 0).long()
-    data = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 512, 32)]
-    torch.manual_seed(0)
-    model = MLP(64, 2, hidden=(32,))
-    for epoch in range(4):
-        train(model, data, recipe=LowPrecision.uniform(8), lr=3e-3, seed=epoch)
-    _, accuracy, n = evaluate(model, data)
-    assert n == 512 and accuracy > 0.85
-
-
-def test_bad_recipe_and_arguments_are_rejected() -> None:
-    with pytest.raises(TypeError, match="must be a BFP"):
-        LowPrecision(weight=8)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="epochs"):
-        train(small_convnet(), batches(1), recipe=LowPrecision(), epochs=0)
-    with pytest.raises(ValueError, match="unknown optimizer"):
-        train(small_convnet(), batches(1), recipe=LowPrecision(), optimizer="lamb")
-    with pytest.raises(ValueError, match="dither_bits"):
-        LowPrecision(dither_bits=4)
-    assert LowPrecision.uniform(32).is_fp32 and LowPrecision.uniform(None).is_fp32
-    assert not LowPrecision.uniform(8).is_fp32
