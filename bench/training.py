@@ -1,23 +1,21 @@
-"""Training benchmark: step time and accuracy of low-precision local training vs FP32.
+"""Training benchmark: the cost of low-precision training against FP32, and its accuracy.
 
-Step time: one full training step (zero_grad, forward, backward, optimizer step) of the
-paper's ConvNet (28x28x1 inputs, batch 32 of random images, Adam lr 1e-3, cross-entropy),
-each recipe's step built by ``fedlpt.task.LocalTrainer``, as ``fedlpt.task.train`` builds it.
-The recipes' steps are timed interleaved (one step of each in turn, the order rotated every
-round, after a warm-up), so that drifting machine load hits all of them alike; medians are
-reported, with the 8-bit step split into its phases against FP32.
+1. **Quantizer cost**, per device present (the CPU always, CUDA when available): one
+   stochastic 8-bit quantize of a 128-element tensor (the per-call cost that dominates a
+   model's small tensors), and every parameter of the paper's ConvNet quantized once
+   (``quantize_tensors``), each against the same math written as a plain chain of torch
+   ops, timed interleaved in the same run; and the first call's compile time.
+2. **Training step**: one full step (zero_grad, forward, backward, optimizer step) of
+   the 28x28 ConvNet (batch 32, Adam) and of the 8x8 digits ConvNet, 8-bit recipe against
+   FP32, each built by ``fedlpt.task.LocalTrainer``, interleaved (the order rotated every
+   round, after a warm-up), at 1 and 2 torch threads on the CPU and on CUDA when present.
+3. **Accuracy** on digits (8x8 ConvNet) after training on the whole train pool for a
+   fixed number of epochs: FP32 and 8-, 6- and 4-bit recipes (row blocks) and 8-bit
+   with kernel blocks (the paper's "BC"); mean over seeds 0, 1, 2.
 
-Accuracy: centralized test accuracy on ``digits`` (8x8 ConvNet) after training on the whole
-train pool for a fixed number of epochs, FP32 and 8-, 6- and 4-bit recipes (one exponent
-per row), and the 8-bit recipe with one exponent per kernel (the paper's "BC"); mean over
-seeds 0, 1, 2. Upload: bytes Flower transfers for the 28x28 ConvNet's state dict encoded
-with each block kind, against its FP32 ``ArrayRecord``.
+Upload sizes are measured by ``bench.codec``.
 
-Runs single-threaded by default (``--threads``): torch's intra-op pool of 2 threads
-slows down many times over when another process holds one of the 2 cores, which would
-swamp the comparison.
-
-    python -m bench.training [--quick] [--threads N]
+    python -m bench.training [--quick]
 """
 
 from __future__ import annotations
@@ -25,25 +23,20 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
-from flwr.app import ArrayRecord
 
-from bench._common import median_seconds, print_json, print_table
+from bench._common import print_json, print_table
 from fedlpt.data import load_centralized_test, load_partition
 from fedlpt.models import ConvNet
-from fedlpt.quant import BFP, quantize, quantize_
-from fedlpt.quant.training import QUANTIZED_MODULES, LowPrecision
-from fedlpt.quant.wire import encode_arrays
-from fedlpt.strategy.traffic import serialized_size
+from fedlpt.quant import BFP, kernels, quantize, quantize_tensors
+from fedlpt.quant.training import LowPrecision
 from fedlpt.task import LocalTrainer, evaluate, train
 
 BATCH = 32
 LR = 1e-3
 SEEDS = (0, 1, 2)
-PHASES = ("forward", "backward", "optimizer step")
-# (label, bits, block) of the step-time comparison; FP32 first.
-STEP_RECIPES = (("FP32", None, "row"), ("LPT8", 8, "row"), ("LPT6", 6, "row"), ("LPT4", 4, "row"))
 # (JSON key suffix, label, bits, block) of the accuracy comparison.
 ACC_RECIPES = (
     ("fp32", "FP32", None, "row"),
@@ -54,98 +47,93 @@ ACC_RECIPES = (
 )
 
 
-class Stepper:
-    """One recipe's ConvNet and :class:`fedlpt.task.LocalTrainer`, timed phase by phase."""
-
-    def __init__(self, bits: int | None, block: str) -> None:
-        torch.manual_seed(0)
-        self.model = ConvNet(in_channels=1, num_classes=10, image_size=28)
-        self.recipe = LowPrecision.uniform(bits, block=block)  # type: ignore[arg-type]
-        generator = torch.Generator().manual_seed(0)
-        self.trainer = LocalTrainer(self.model, self.recipe, lr=LR, generator=generator)
-
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float]:
-        """One training step; seconds of (zero_grad + forward + loss, backward, optimizer step)."""
-        t0 = time.perf_counter()
-        self.trainer.optimizer.zero_grad()
-        loss = self.trainer.loss(images, labels)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        self.trainer.optimizer.step()
-        t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2
+def torch_chain(x: torch.Tensor, bits: int, block_rows: bool) -> torch.Tensor:
+    """The quantizer as a plain chain of torch ops (SWALP's way), for scale."""
+    view = x.reshape(x.shape[0], -1) if block_rows and x.dim() > 1 else x.reshape(1, -1)
+    largest = view.abs().amax(dim=1, keepdim=True)
+    scale = torch.exp2(bits - 2 - torch.floor(torch.log2(largest.clamp_min(1e-30))))
+    rounded = torch.floor(view * scale + torch.rand_like(view))
+    limit = 2 ** (bits - 1) - 1
+    return (rounded.clamp(-limit, limit) / scale).view(x.shape)
 
 
-def time_steps(
-    images: torch.Tensor, labels: torch.Tensor, repeats: int, warmup: int
-) -> tuple[dict[str, list[tuple[float, ...]]], Stepper]:
-    """Per-step phase times of every STEP_RECIPES entry, interleaved; and the LPT8 stepper."""
-    steppers = {label: Stepper(bits, block) for label, bits, block in STEP_RECIPES}
-    names = list(steppers)
-    for _ in range(warmup):
+def interleaved(functions: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]):
+    """Median seconds of each function, timed in turns (order rotated) after a warm-up."""
+    names = list(functions)
+    for _ in range(3):
         for name in names:
-            steppers[name].step(images, labels)
-    times: dict[str, list[tuple[float, ...]]] = {name: [] for name in names}
+            functions[name]()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(repeats):
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(steppers[name].step(images, labels))
-    return times, steppers["LPT8"]
+            start = time.perf_counter()
+            functions[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}, times
 
 
-def rounding_cost(stepper: Stepper, repeats: int) -> tuple[float, int]:
-    """Median seconds to round every parameter once to the 8-bit weight format, and count.
-
-    The 8-bit optimizer step does this twice (gradients before Adam, weights after it).
-    """
-    fmt = stepper.recipe.weight
-    assert fmt is not None
-    tensors = [p.detach().clone() for p in stepper.model.parameters()]
-    gen = torch.Generator().manual_seed(0)
-
-    def round_all() -> None:
-        for tensor in tensors:
-            quantize_(tensor, fmt, gen)
-
-    return median_seconds(round_all, repeats), len(tensors)
-
-
-def activation_rounding_cost(
-    stepper: Stepper, images: torch.Tensor, repeats: int
-) -> tuple[float, float, int, int]:
-    """Median seconds to round the activations of one forward pass (stochastic, nearest).
-
-    Rounds fresh tensors shaped like the outputs the recipe's quantizers see in the
-    forward pass (the backward pass rounds errors of the same shapes). Also returns the
-    number of those tensors and their total number of elements.
-    """
-    fmt = stepper.recipe.activation
-    assert fmt is not None
-    shapes: list[torch.Size] = []
-    handles = [
-        module.register_forward_hook(lambda _m, _i, out: shapes.append(out.shape))
-        for module in stepper.model.modules()
-        if isinstance(module, QUANTIZED_MODULES)
-    ]
-    with torch.no_grad():
-        stepper.model(images)
-    for handle in handles:
-        handle.remove()
-    gen = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(shape, generator=gen) for shape in shapes]
-    nearest = BFP(fmt.bits, fmt.block, "nearest")
-
-    def round_all(f: BFP) -> None:
-        for tensor in tensors:
-            quantize(tensor, f, gen, dither_bits=stepper.recipe.dither_bits)
-
-    return (
-        median_seconds(lambda: round_all(fmt), repeats),
-        median_seconds(lambda: round_all(nearest), repeats),
-        len(tensors),
-        sum(t.numel() for t in tensors),
+def quantizer_costs(device: torch.device, repeats: int) -> dict[str, float]:
+    """Per-call and whole-model quantization against the plain torch chain, on ``device``."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    generator = torch.Generator(device).manual_seed(0)
+    fmt = BFP(8, "row", "stochastic")
+    small = torch.randn(128, device=device)
+    torch.manual_seed(0)
+    params = [p.detach().to(device) for p in ConvNet(1, 10, 28).parameters()]
+    start = time.perf_counter()
+    quantize(small, fmt, generator)
+    quantize_tensors(params, fmt, generator)
+    sync()
+    compile_s = time.perf_counter() - start
+    medians, _ = interleaved(
+        {
+            "small": lambda: quantize(small, fmt, generator, check=False),
+            "small_chain": lambda: torch_chain(small, 8, True),
+            "model": lambda: quantize_tensors(params, fmt, generator, check=False),
+            "model_chain": lambda: [torch_chain(p, 8, True) for p in params],
+        },
+        repeats,
+        sync,
     )
+    return {
+        "quantize_small_us": medians["small"] * 1e6,
+        "quantize_small_chain_us": medians["small_chain"] * 1e6,
+        "quantize_small_vs_torch_chain": medians["small"] / medians["small_chain"],
+        "model_quantize_ms": medians["model"] * 1e3,
+        "model_quantize_chain_ms": medians["model_chain"] * 1e3,
+        "model_quantize_vs_torch_chain": medians["model"] / medians["model_chain"],
+        "first_call_s": compile_s,
+    }
+
+
+def step_ratio(
+    device: torch.device, image_size: int, repeats: int
+) -> tuple[float, float, float, float]:
+    """``(fp32 ms, lpt8 ms, median ratio, paired ratio)`` of one training step."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    generator = torch.Generator().manual_seed(123)
+    images = torch.randn(BATCH, 1, image_size, image_size, generator=generator).to(device)
+    labels = torch.randint(0, 10, (BATCH,), generator=generator).to(device)
+    trainers = {}
+    for name, bits in (("fp32", None), ("lpt8", 8)):
+        torch.manual_seed(0)
+        model = ConvNet(1, 10, image_size).to(device)
+        trainers[name] = LocalTrainer(
+            model,
+            LowPrecision.uniform(bits),
+            lr=LR,
+            generator=torch.Generator(device).manual_seed(0),
+        )
+    medians, times = interleaved(
+        {name: (lambda t=t: t.step(images, labels)) for name, t in trainers.items()},
+        repeats,
+        sync,
+    )
+    paired = statistics.median(q / f for q, f in zip(times["lpt8"], times["fp32"], strict=True))
+    return medians["fp32"] * 1e3, medians["lpt8"] * 1e3, medians["lpt8"] / medians["fp32"], paired
 
 
 def accuracy_runs(epochs: int) -> tuple[dict[str, list[float]], dict[str, float]]:
@@ -170,87 +158,65 @@ def accuracy_runs(epochs: int) -> tuple[dict[str, list[float]], dict[str, float]
     return accs, seconds
 
 
-def upload_sizes() -> tuple[int, list[tuple[int, str, int]]]:
-    """FP32 record bytes of the 28x28 ConvNet, and (bits, block, bytes) of encoded records."""
-    torch.manual_seed(0)
-    model = ConvNet(in_channels=1, num_classes=10, image_size=28)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    fp32_bytes = serialized_size(ArrayRecord(state))
-    sizes = []
-    for bits, block in ((8, "row"), (8, "kernel"), (6, "row"), (4, "row")):
-        record = encode_arrays(state, BFP(bits, block), torch.Generator().manual_seed(0))
-        sizes.append((bits, block, serialized_size(record)))
-    return fp32_bytes, sizes
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and epochs (< 1 min)")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads; 0 keeps torch's default"
-    )
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and epochs")
     args = parser.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    repeats, warmup, epochs = (20, 3, 3) if args.quick else (100, 5, 10)
-    figures: dict[str, object] = {"threads": torch.get_num_threads(), "epochs": epochs}
+    repeats, epochs = (30, 3) if args.quick else (100, 10)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    figures: dict[str, object] = {"epochs": epochs, "compiled": True}
 
-    # 1. Step time, interleaved.
-    gen = torch.Generator().manual_seed(123)
-    images = torch.randn(BATCH, 1, 28, 28, generator=gen)
-    labels = torch.randint(0, 10, (BATCH,), generator=gen)
-    times, lpt8 = time_steps(images, labels, repeats, warmup)
-    totals = {name: [sum(t) for t in steps] for name, steps in times.items()}
-    median_total = {name: statistics.median(v) for name, v in totals.items()}
-    fp32 = median_total["FP32"]
-    print(
-        f"Training step, ConvNet 28x28x1, batch {BATCH}, Adam: median of {repeats} interleaved "
-        f"steps per recipe, {torch.get_num_threads()} thread(s)"
-    )
+    torch.set_num_threads(1)
     rows = []
-    for name, total in median_total.items():
-        paired = statistics.median(t / f for t, f in zip(totals[name], totals["FP32"], strict=True))
-        rows.append([name, total * 1e3, total / fp32, paired])
-        key = name.lower()
-        figures[f"step_{key}_ms"] = round(total * 1e3, 3)
-        if name != "FP32":
-            figures[f"step_{key}_vs_fp32"] = round(total / fp32, 3)
-            figures[f"step_{key}_vs_fp32_paired"] = round(paired, 3)
-    print_table(["recipe", "ms / step", "x FP32", "x FP32 (paired)"], rows)
+    for device in devices:
+        costs = quantizer_costs(device, repeats * 5)
+        suffix = "" if device.type == "cpu" else "_cuda"
+        figures.update({f"{k}{suffix}": round(v, 3) for k, v in costs.items()})
+        rows += [
+            [
+                device.type,
+                "quantize 128 values, 8-bit stochastic",
+                costs["quantize_small_us"],
+                costs["quantize_small_chain_us"],
+                costs["quantize_small_vs_torch_chain"],
+            ],
+            [
+                device.type,
+                "quantize every ConvNet parameter",
+                costs["model_quantize_ms"] * 1e3,
+                costs["model_quantize_chain_ms"] * 1e3,
+                costs["model_quantize_vs_torch_chain"],
+            ],
+        ]
+    print("Quantizer cost (medians, interleaved, 1 CPU thread), microseconds")
+    print_table(["device", "operation", "fedlpt us", "torch chain us", "ratio"], rows)
+    print(f"first call (compiles the kernels): {figures['first_call_s']:.1f} s on the CPU")
     print()
 
-    phase_fp32 = [statistics.median(t[i] for t in times["FP32"]) for i in range(len(PHASES))]
-    phase_lpt8 = [statistics.median(t[i] for t in times["LPT8"]) for i in range(len(PHASES))]
-    overhead = sum(phase_lpt8) - sum(phase_fp32)
     rows = []
-    for phase, f, q in zip(PHASES, phase_fp32, phase_lpt8, strict=True):
-        share = (q - f) / overhead if overhead > 0 else float("nan")
-        rows.append([phase, f * 1e3, q * 1e3, (q - f) * 1e3, share])
-        figures[f"phase_{phase.split()[0]}_fp32_ms"] = round(f * 1e3, 3)
-        figures[f"phase_{phase.split()[0]}_lpt8_ms"] = round(q * 1e3, 3)
-    rows.append(
-        ["sum of medians", sum(phase_fp32) * 1e3, sum(phase_lpt8) * 1e3, overhead * 1e3, 1.0]
-    )
-    print("Where the 8-bit step spends its time (medians per phase; forward includes zero_grad)")
-    print_table(["phase", "FP32 ms", "LPT8 ms", "extra ms", "share of extra"], rows)
-    round_s, num_params = rounding_cost(lpt8, repeats)
-    figures["round_all_params_lpt8_ms"] = round(round_s * 1e3, 3)
-    print(
-        f"Rounding all {num_params} parameter tensors once to 8-bit BFP (row): "
-        f"{round_s * 1e3:.2f} ms; the 8-bit optimizer step does it twice (gradients, weights)"
-    )
-    act_s, act_nearest_s, num_acts, act_numel = activation_rounding_cost(lpt8, images, repeats)
-    figures["round_activations_lpt8_ms"] = round(act_s * 1e3, 3)
-    figures["round_activations_lpt8_nearest_ms"] = round(act_nearest_s * 1e3, 3)
-    print(
-        f"Rounding the {num_acts} activations of one forward pass ({act_numel / 1e6:.1f} M values, "
-        f"8-bit, one exponent per tensor): {act_s * 1e3:.2f} ms stochastic "
-        f"({lpt8.recipe.dither_bits}-bit dither), "
-        f"{act_nearest_s * 1e3:.2f} ms nearest; backward rounds errors of the same shapes"
+    settings = [(torch.device("cpu"), 1), (torch.device("cpu"), 2)]
+    settings += [(torch.device("cuda"), 1)] if torch.cuda.is_available() else []
+    for device, threads in settings:
+        torch.set_num_threads(threads)
+        for image_size, key in ((28, ""), (8, "_digits")):
+            fp32, lpt8, ratio, paired = step_ratio(device, image_size, repeats)
+            rows.append(
+                [device.type, threads, f"{image_size}x{image_size}", fp32, lpt8, ratio, paired]
+            )
+            tag = (
+                key
+                + ("" if device.type == "cpu" else "_cuda")
+                + ("" if threads == 1 else f"_{threads}threads")
+            )
+            figures[f"step_lpt8_vs_fp32{tag}"] = round(ratio, 3)
+            figures[f"step_fp32_ms{tag}"] = round(fp32, 3)
+    torch.set_num_threads(1)
+    print(f"Training step, ConvNet, batch {BATCH}, Adam: median of {repeats} interleaved steps")
+    print_table(
+        ["device", "threads", "images", "FP32 ms", "LPT8 ms", "x FP32", "x FP32 (paired)"], rows
     )
     print()
 
-    # 2. Accuracy on digits.
     accs, seconds = accuracy_runs(epochs)
     print(
         f"Centralized test accuracy (%) on digits, ConvNet 8x8, Adam lr {LR:g}, batch {BATCH}, "
@@ -262,20 +228,8 @@ def main() -> None:
         rows.append([label, *accs[key], mean, seconds[key]])
         figures[f"acc_{key}"] = round(mean, 2)
     print_table(["recipe", *(f"seed {s}" for s in SEEDS), "mean", "train s (all seeds)"], rows)
-    figures["acc_per_seed"] = {key: [round(a, 2) for a in v] for key, v in accs.items()}
-    print()
-
-    # 3. Upload bytes.
-    fp32_bytes, sizes = upload_sizes()
-    print(f"Upload of the ConvNet 28x28 state dict; FP32 record {fp32_bytes:,} B")
-    rows = []
-    for bits, block, size in sizes:
-        rows.append([f"{bits}-bit, block={block}", size, fp32_bytes / size])
-        if bits == 8:
-            figures[f"upload_ratio_{block}"] = round(fp32_bytes / size, 3)
-            figures[f"upload_bytes_{block}"] = size
-    print_table(["payload", "bytes", "FP32/payload"], rows)
-    figures["upload_bytes_fp32"] = fp32_bytes
+    figures["compiled"] = kernels.compiled()
+    figures["device"] = ",".join(d.type for d in devices)
     print_json(figures)
 
 

@@ -7,6 +7,7 @@ ConfigRecord; everything else from the run config and this node's ``--node-confi
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -38,6 +39,7 @@ def train(msg: Message, context: Context) -> Message:
     """Decode the global model, train it on this node's data, reply bit-packed."""
     cfg = AppConfig.from_run_config(context.run_config)
     node = NodeConfig.from_node_config(context.node_config)
+    _limit_threads()
     config = msg.content.config_records.get(protocol.CONFIG_RECORD, ConfigRecord())
     server_round = protocol.server_round(config)
     upload = _upload_format(protocol.read_upload_format(config), cfg, node)
@@ -109,6 +111,21 @@ def evaluate(msg: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({protocol.METRIC_RECORD: metrics}), reply_to=msg)
+
+
+def _limit_threads() -> None:
+    """Use as many torch threads as cores this ClientApp holds in Flower's simulation engine.
+
+    There a ClientApp runs in a Ray actor that holds ``client-resources-num-cpus`` cores;
+    torch's default pool (one thread per core of the machine) would oversubscribe them,
+    which slows small operations down tens of times once actors share the cores.
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus)))
 
 
 def _upload_format(announced: BFP | None, cfg: AppConfig, node: NodeConfig) -> BFP | None:

@@ -7,6 +7,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from fedlpt.quant import kernels
+
+# One intra-op thread: on a shared two-core machine torch's thread pool slows small ops
+# down tens of times as soon as another process wants a core.
+torch.set_num_threads(1)
+
 settings.register_profile(
     "fedlpt",
     derandomize=True,
@@ -25,3 +31,10 @@ def _seed_torch() -> None:
 @pytest.fixture(autouse=True)
 def _quiet_flower() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+@pytest.fixture(autouse=True)
+def _eager_rounding(request: pytest.FixtureRequest) -> None:
+    """Tests round eagerly (identical results, no compile per word length); a test marked
+    ``compiled`` runs the compiled kernels, as applications and benchmarks do."""
+    kernels.set_compiled(request.node.get_closest_marker("compiled") is not None)

@@ -120,3 +120,26 @@ def test_devices_that_are_not_here_are_named() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda:1")
+
+
+@pytest.mark.compiled
+def test_a_compiled_training_step_equals_an_eager_one() -> None:
+    from fedlpt.quant import kernels
+
+    results = []
+    for compiled in (True, False):
+        kernels.set_compiled(compiled)
+        torch.manual_seed(0)
+        model = small_convnet()
+        train(model, batches(2), recipe=LowPrecision.uniform(6), seed=3)
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_a_gpu_stays_on_the_grid() -> None:
+    model = small_convnet().cuda()
+    train(model, batches(2), recipe=LowPrecision.uniform(8), seed=3)
+    for param in model.parameters():
+        assert param.is_cuda and on_grid(param.detach().cpu(), BFP(8, "row"))

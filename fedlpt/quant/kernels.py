@@ -193,3 +193,13 @@ round_block_list_kernel = _Kernel(round_block_list)
 def compiled() -> bool:
     """Whether the rounding kernels run compiled (False once they fell back to eager)."""
     return not (round_blocks_kernel.broken or round_block_list_kernel.broken)
+
+
+def set_compiled(enabled: bool) -> None:
+    """Run the rounding kernels compiled (the default) or eagerly, in this process.
+
+    Eager and compiled results are identical bit for bit; eager skips the compile time
+    of each new word length, which is what a test suite full of them wants.
+    """
+    for kernel in (round_blocks_kernel, round_block_list_kernel):
+        kernel.broken = not enabled

@@ -153,12 +153,44 @@ def test_the_dither_depends_on_the_seed_and_the_element_only() -> None:
     assert not torch.equal(torch.cat(rows), one)  # each row restarts the counter at 0
 
 
-def test_compiled_and_eager_kernels_agree_bit_for_bit(monkeypatch) -> None:
-    x = torch.randn(64, 50) * 3
-    fmt = BFP(7, "row", "stochastic")
-    compiled = quantize(x, fmt, seed=99)
-    monkeypatch.setattr(kernels.round_blocks_kernel, "broken", True)
-    assert torch.equal(quantize(x, fmt, seed=99), compiled)
+@pytest.mark.compiled
+@pytest.mark.parametrize(
+    "fmt",
+    [BFP(2, "row"), BFP(8, "kernel"), BFP(8, 16), BFP(12, "row", "nearest"), BFP(16, "tensor")],
+    ids=str,
+)
+def test_compiled_and_eager_kernels_agree_bit_for_bit(fmt: BFP) -> None:
+    x = torch.randn(6, 5, 3, 3) * 3
+    x[1] = 0.0  # a zero block
+    x[2] *= 2.0**-120  # a tiny block
+    tensors = [x, torch.randn(37), torch.randn(10, 20)]
+    compiled = (
+        quantize(x, fmt, seed=99),
+        encode_codes(x, fmt, seed=99),
+        quantize_tensors(tensors, fmt, torch.Generator().manual_seed(1)),
+    )
+    assert kernels.compiled()
+    kernels.set_compiled(False)
+    eager = (
+        quantize(x, fmt, seed=99),
+        encode_codes(x, fmt, seed=99),
+        quantize_tensors(tensors, fmt, torch.Generator().manual_seed(1)),
+    )
+    assert torch.equal(compiled[0], eager[0])
+    assert all(torch.equal(a, b) for a, b in zip(compiled[1], eager[1], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(compiled[2], eager[2], strict=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_the_stream_is_the_same_on_a_gpu() -> None:
+    x = torch.randn(64, 300) * 3
+    for fmt in (BFP(8, "row"), BFP(4, 16), BFP(12, "kernel", "nearest")):
+        assert torch.equal(quantize(x, fmt, seed=5), quantize(x.cuda(), fmt, seed=5).cpu())
+        codes, exponents = encode_codes(x.cuda(), fmt, seed=5)
+        assert codes.is_cuda
+        values = decode_codes(codes.cpu(), exponents.cpu(), tuple(x.shape), fmt.bits, fmt.block)
+        assert torch.equal(values, quantize(x, fmt, seed=5))
 
 
 @pytest.mark.parametrize("bits", [3, 8, 12])
