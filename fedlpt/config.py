@@ -521,3 +521,55 @@ def _strategy(values: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         else:
             common[key] = value
     return chosen, {**common, **own.get(chosen, {})}
+
+
+def keys_markdown() -> str:
+    """The table of every run-config key, as docs/configuration.md holds it."""
+    lines = [
+        "# Run configuration",
+        "",
+        "Every key of `[tool.flwr.app.config]` in `pyproject.toml`, generated from",
+        "`fedlpt/config.py` by `python -m fedlpt.config > docs/configuration.md` (a test keeps",
+        'the two in step). Set them with `flwr run . --run-config "key=value ..."`, start',
+        "from a preset with `preset='<name>'` (the files in `conf/`), or pass a TOML file with",
+        "`-c`. A value fedlpt cannot use stops the run at once, with one line naming the key,",
+        "the value and what is allowed.",
+        "",
+        "| key | default | meaning |",
+        "|---|---|---|",
+    ]
+    for key, default, help_text in describe_keys():
+        shown = "`true`" if default is True else "`false`" if default is False else f"`{default!r}`"
+        lines.append(f"| `{key}` | {shown.replace(chr(39), chr(34))} | {help_text} |")
+    lines += [
+        '| `strategy.name` | `"fedavg"` | the Flower strategy: '
+        + ", ".join(f"`{name}`" for name in STRATEGIES)
+        + " |",
+    ]
+    lines += [
+        f"| `strategy.{key}` | `{value!r}` | every strategy's `{key.replace('-', '_')}` |"
+        for key, value in COMMON_PARAMS.items()
+    ]
+    for name, entry in STRATEGIES.items():
+        lines += [
+            f"| `strategy.{name}.{key}` | `{value!r}` | {entry.flower_class}'s "
+            f"`{key.replace('-', '_')}` |"
+            for key, value in entry.params.items()
+        ]
+    lines += [
+        "",
+        "Any other argument of a Flower strategy can be given as `strategy.<argument>` (all",
+        "strategies) or `strategy.<name>.<argument>` (one), kebab-case, once it is declared in",
+        "`pyproject.toml`.",
+        "",
+        "A SuperNode's `--node-config` takes `partition-id` and `num-partitions` (which part of",
+        "the data it holds) and, optionally, its own precision: "
+        + ", ".join(f"`{key}`" for key in NODE_PRECISION_KEYS)
+        + " (2..16, or 32 for FP32).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(keys_markdown(), end="")

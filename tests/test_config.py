@@ -18,6 +18,7 @@ from fedlpt.config import (
     available_presets,
     default_run_config,
     describe_keys,
+    keys_markdown,
 )
 from fedlpt.models import build_model
 from fedlpt.task import make_optimizer
@@ -166,3 +167,8 @@ def test_an_unknown_preset_lists_the_available_ones() -> None:
     ):
         parse(preset="papr")
     assert "paper-fmnist" in available_presets()
+
+
+def test_the_documented_key_table_is_the_one_the_code_generates() -> None:
+    documented = (ROOT / "docs" / "configuration.md").read_text()
+    assert documented == keys_markdown(), "run: python -m fedlpt.config > docs/configuration.md"
