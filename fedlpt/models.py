@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
 MODEL_NAMES: tuple[str, ...] = ("convnet", "mlp", "resnet18")
 
@@ -132,7 +131,7 @@ def _group_norm(num_channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(32, num_channels), num_channels)
 
 
-def resnet18_gn(in_channels: int, num_classes: int) -> ResNet:
+def resnet18_gn(in_channels: int, num_classes: int) -> nn.Module:
     """CIFAR-style ResNet-18 with GroupNorm, for ``[B, in_channels, H, W]`` -> ``[B, num_classes]``.
 
     The ImageNet stem (7x7 stride-2 conv and max-pool) is replaced by a 3x3 stride-1
@@ -144,6 +143,10 @@ def resnet18_gn(in_channels: int, num_classes: int) -> ResNet:
             f"resnet18_gn needs positive in_channels and num_classes; got {in_channels=}, "
             f"{num_classes=}"
         )
+    # torchvision is needed for this model only: a device training the ConvNet does
+    # without it.
+    from torchvision.models.resnet import BasicBlock, ResNet
+
     model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, norm_layer=_group_norm)
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     # Same initialization torchvision applies to its own convolutions.

@@ -35,7 +35,8 @@ def test_flwr_run_simulation_trains_and_writes_results(tmp_path: Path) -> None:
         )
     assert run.status == "finished:completed", run.stdout
     folder = only_run_folder(results)
-    for name in ("results.json", "metrics.csv", "accuracy.png", "accuracy_vs_mb.png", "model.pt"):
+    figures = [f"accuracy.{suffix}" for suffix in ("png", "svg", "pdf")]
+    for name in ("results.json", "metrics.csv", "model.pt", "checkpoint.pt", *figures):
         assert (folder / name).is_file(), name
     report = json.loads((folder / "results.json").read_text())
     rounds = report["rounds"]
