@@ -203,13 +203,19 @@ def _check_entry(index: int, entry: object, seen: set[str]) -> dict[str, object]
     if name in seen:
         raise PayloadError(f"{where} appears twice")
     seen.add(name)
-    if entry.get("dtype") not in _DTYPES:
+    # A dtype that is a JSON list or object is unhashable: test the type first.
+    if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in _DTYPES:
         raise PayloadError(f"{where} has unknown dtype {entry.get('dtype')!r}")
     shape = entry.get("shape")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_DIMS
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        # Each dimension is bounded too: a zero-sized tensor passes the element limit
+        # with any other dimension, which torch could not even index.
+        or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_ELEMENTS
+            for d in shape
+        )
     ):
         raise PayloadError(f"{where} has an invalid shape {shape!r}")
     if prod(shape) > MAX_ELEMENTS:
