@@ -8,7 +8,9 @@ runs it over a loader and the training benchmark times it step by step.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,10 @@ from .quant.bfp import BFP, BlockKind
 from .quant.training import LowPrecision, LowPrecisionOptimizer, prepare, unprepare
 
 OPTIMIZERS = ("adam", "sgd")
+# Long local training logs a line this often, so a node's log shows it is alive.
+PROGRESS_EVERY_S = 30.0
+
+logger = logging.getLogger("flwr")
 
 
 @dataclass(frozen=True)
@@ -142,13 +148,15 @@ def train(
     proximal_mu: float = 0.0,
     seed: int = 0,
     optimizer_state: Mapping[str, Any] | None = None,
+    progress_every_s: float = PROGRESS_EVERY_S,
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Train ``model`` in place for ``epochs`` over ``loader`` with the low-precision ``recipe``.
 
     Training runs on the model's device. ``seed`` seeds stochastic rounding.
     ``optimizer_state`` (from a previous call) resumes the optimizer, as the paper keeps
-    each client's Adam moments across rounds. Returns the result and the optimizer's new
-    state dict.
+    each client's Adam moments across rounds. Training that lasts longer than
+    ``progress_every_s`` logs a progress line that often (epoch, step, pace, time left).
+    Returns the result and the optimizer's new state dict.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -165,19 +173,39 @@ def train(
     # The loss sum stays on the device: reading it every step would synchronize a GPU.
     loss_sum = torch.zeros((), dtype=torch.float64, device=trainer.device)
     examples, steps = 0, 0
+    total_steps = epochs * len(loader)
+    started = last_report = time.monotonic()
     with trainer:
-        for _ in range(epochs):
+        for epoch in range(epochs):
             for images, labels in loader:
                 loss = trainer.step(images, labels)
                 loss_sum += loss * labels.shape[0]
                 examples += labels.shape[0]
                 steps += 1
+                now = time.monotonic()
+                if now - last_report >= progress_every_s:
+                    last_report = now
+                    _log_progress(epoch, epochs, steps, total_steps, now - started)
     mean_loss = loss_sum.item() / examples if examples else float("nan")
     if examples and not math.isfinite(mean_loss):
         # The quantizers do not check every tensor (that would stall a GPU): a NaN or an
         # Inf anywhere in the step shows here.
         raise ValueError(f"local training diverged: the mean loss is {mean_loss}")
     return TrainResult(mean_loss, examples, steps), trainer.optimizer.state_dict()
+
+
+def _log_progress(epoch: int, epochs: int, steps: int, total_steps: int, elapsed: float) -> None:
+    pace = steps / elapsed
+    left = (total_steps - steps) / pace
+    logger.info(
+        "fedlpt local training: epoch %d/%d, step %d/%d, %.1f steps/s, about %.0f s left",
+        epoch + 1,
+        epochs,
+        steps,
+        total_steps,
+        pace,
+        left,
+    )
 
 
 @torch.no_grad()

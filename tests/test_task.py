@@ -1,5 +1,6 @@
 """Local training: the step builder, FedProx, seeds, resumed optimizer state, recipes, devices."""
 
+import logging
 import math
 
 import pytest
@@ -143,3 +144,15 @@ def test_training_on_a_gpu_stays_on_the_grid() -> None:
     train(model, batches(2), recipe=LowPrecision.uniform(8), seed=3)
     for param in model.parameters():
         assert param.is_cuda and on_grid(param.detach().cpu(), BFP(8, "row"))
+
+
+def test_long_local_training_logs_its_progress(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        train(small_convnet(), batches(3), recipe=LowPrecision.uniform(8), progress_every_s=0.0)
+    lines = [r.getMessage() for r in caplog.records if "local training" in r.getMessage()]
+    assert len(lines) == 3
+    assert lines[-1].startswith("fedlpt local training: epoch 1/1, step 3/3,")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        train(small_convnet(), batches(3), recipe=LowPrecision.uniform(8))
+    assert not [r for r in caplog.records if "local training" in r.getMessage()]

@@ -213,8 +213,7 @@ def _check_entry(index: int, entry: object, seen: set[str]) -> dict[str, object]
         # Each dimension is bounded too: a zero-sized tensor passes the element limit
         # with any other dimension, which torch could not even index.
         or not all(
-            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_ELEMENTS
-            for d in shape
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_ELEMENTS for d in shape
         )
     ):
         raise PayloadError(f"{where} has an invalid shape {shape!r}")
