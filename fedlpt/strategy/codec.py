@@ -124,27 +124,41 @@ class CodecStrategy(StrategyWrapper):
         super().load_state_dict(state)
 
     def _decode(self, reply: Message) -> dict[str, Tensor]:
-        """The reply's model as float32 tensors, checked against the model that was sent."""
+        """The reply's model as tensors, checked against the model that was sent.
+
+        The check runs on what the reply declares (its manifest, or its Arrays' dtypes and
+        shapes) before anything is decoded, so a reply costs at most what a legitimate
+        upload of this model costs.
+        """
         key = self.arrayrecord_key
         if key not in reply.content.array_records:
             raise PayloadError(f"reply has no ArrayRecord {key!r}")
-        state = to_state_dict(reply.content[key])
-        if set(state) != set(self.sent):
+        record = reply.content[key]
+        if is_encoded(record):
+            declared = {
+                str(e["name"]): (str(e["dtype"]), tuple(e["shape"])) for e in read_manifest(record)
+            }
+        else:
+            declared = {name: (array.dtype, tuple(array.shape)) for name, array in record.items()}
+        self._check_declared(declared)
+        return to_state_dict(record)
+
+    def _check_declared(self, declared: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+        if set(declared) != set(self.sent):
             missing, extra = (
-                sorted(set(self.sent) - set(state)),
-                sorted(set(state) - set(self.sent)),
+                sorted(set(self.sent) - set(declared)),
+                sorted(set(declared) - set(self.sent)),
             )
             raise PayloadError(
                 f"reply's tensors differ from the model's: missing {missing}, extra {extra}"
             )
-        for name, tensor in state.items():
-            dtype, shape = self.sent[name]
-            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+        for name, (dtype_name, shape) in declared.items():
+            dtype, sent_shape = self.sent[name]
+            if dtype_name != _dtype_name(dtype) or shape != sent_shape:
                 raise PayloadError(
-                    f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
-                    f"the model's is {dtype} {shape}"
+                    f"tensor {name!r} is {dtype_name} {shape}, "
+                    f"the model's is {_dtype_name(dtype)} {sent_shape}"
                 )
-        return state
 
     def _drop(self, server_round: int, reply: Message, reason: str) -> None:
         dropped = DroppedReply(server_round, reply.metadata.src_node_id, reason, by="codec")
@@ -178,6 +192,11 @@ class CodecStrategy(StrategyWrapper):
                 encoded[id(record)] = encode_arrays(_tensors(record), self.downlink, generator)
             content[self.arrayrecord_key] = encoded[id(record)]
         return messages
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``: the name the manifest and NumPy both use."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _tensors(arrays: ArrayRecord) -> dict[str, Tensor]:

@@ -87,8 +87,8 @@ def test_a_malformed_payload_is_dropped_with_the_node_and_the_reason(tamper, rea
     [
         ({"w": torch.zeros(4, 3)}, r"missing \['b'\]"),
         ({"w": torch.zeros(4, 3), "b": torch.zeros(4), "x": torch.zeros(1)}, r"extra \['x'\]"),
-        ({"w": torch.zeros(3, 4), "b": torch.zeros(4)}, r"'w' is torch.float32 \(3, 4\)"),
-        ({"w": torch.zeros(4, 3), "b": torch.zeros(5)}, r"'b' is torch.float32 \(5,\)"),
+        ({"w": torch.zeros(3, 4), "b": torch.zeros(4)}, r"'w' is float32 \(3, 4\)"),
+        ({"w": torch.zeros(4, 3), "b": torch.zeros(5)}, r"'b' is float32 \(5,\)"),
         ({"w": torch.zeros(4, 3, dtype=torch.float64), "b": torch.zeros(4)}, "float64"),
     ],
 )
@@ -147,3 +147,18 @@ def test_the_downlink_is_encoded_once_per_round_and_shared() -> None:
     assert messages[0].content["arrays"] is messages[1].content["arrays"]
     again, _ = configured(codec, small_model(), server_round=2)
     assert again[0].content["arrays"] is not messages[0].content["arrays"]
+
+
+def test_a_reply_is_checked_against_the_model_before_it_is_decoded() -> None:
+    # A manifest that declares another model is refused for that, whatever its buffers
+    # hold: the check reads only the manifest, so a reply cannot make the server decode
+    # more than the model it sent.
+    codec = CodecStrategy(FedAvg(), upload=UPLOAD)
+    configured(codec, small_model())
+    big = encoded({"w": torch.zeros(4, 3), "b": torch.zeros(4), "x": torch.zeros(10**6)})
+    big["fedlpt.mantissas"] = Array(np.zeros(3, np.uint8))  # would fail to decode
+    plain = ArrayRecord({"w": torch.zeros(3, 4), "b": torch.zeros(4)})
+    codec.aggregate_train(1, [reply(3, big), reply(4, plain), reply(5, encoded(small_model()))])
+    reasons = {d.node_id: d.reason for d in codec.own_dropped(1)}
+    assert "extra ['x']" in reasons[3]
+    assert "'w' is float32 (3, 4)" in reasons[4]
