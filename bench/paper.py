@@ -28,6 +28,7 @@ import json
 import logging
 import multiprocessing
 import os
+import resource
 import statistics
 import time
 import traceback
@@ -37,6 +38,7 @@ from typing import Any
 
 from bench._common import print_json, print_table
 
+MEASURED_FILE = "bench-measured.json"
 # The paper's README table, FedAvg on FMNIST (test accuracy %, last 5 rounds).
 PAPER = {
     0.01: {"b8_ema": 80.1, "b6_ema": 78.0, "fp32_ema": 80.7, "fp32": 79.5, "b8": 72.2},
@@ -136,12 +138,22 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     if (folder / CHECKPOINT_FILE).is_file():
         done = Checkpoint.load(folder).server_round
         if done >= config["num-server-rounds"]:
-            return _summary(job, json.loads((folder / "results.json").read_text()))
+            measured = folder / MEASURED_FILE
+            extra = json.loads(measured.read_text()) if measured.is_file() else {}
+            return {**_summary(job, json.loads((folder / "results.json").read_text())), **extra}
         config["resume-from"] = str(folder)
     start = time.perf_counter()
     outcome = simulate(config, job["clients"], write_results=True, workers=job["workers"])
     report = outcome.recorder.report()
-    return {**_summary(job, report), "seconds": time.perf_counter() - start}
+    # Peak resident memory of this run's process and its ClientApp workers (Linux: KiB).
+    peak_kib = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+    )
+    extra = {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_kib / 1024}
+    # Kept beside the results, so that reporting a finished run again shows what it took.
+    (folder / MEASURED_FILE).write_text(json.dumps(extra))
+    return {**_summary(job, report), **extra}
 
 
 def run_all(jobs: list[dict[str, Any]], parallel: int) -> list[dict[str, Any]]:
@@ -258,6 +270,10 @@ def report(results, names, scale: Scale, args, tag: str, wall: float) -> None:
             figures[f"acc_{name}_round10"] = round(
                 100 * statistics.mean(r["accuracy"][10] for r in runs), 2
             )
+    measured = [r["peak_rss_mb"] for r in results if "peak_rss_mb" in r]
+    if measured:
+        figures["peak_rss_mb"] = round(max(measured), 1)
+    figures.update(upload_bytes_per_client())
     figures.update(
         alpha=args.alpha,
         clients=scale.clients,
@@ -274,6 +290,28 @@ def report(results, names, scale: Scale, args, tag: str, wall: float) -> None:
     print_table(["config", "acc %", "std", "per seed", "paper", "rounds done", "up B/round"], rows)
     _plot(curves, args.plot or args.out / tag / "paper", tag)
     print_json(figures)
+
+
+def upload_bytes_per_client() -> dict[str, int]:
+    """One client's upload of the FMNIST ConvNet as Flower serializes it: FP32, and 8 bits
+    with one exponent per row (fedlpt's default) and per kernel (the paper's "BC")."""
+    import torch
+    from flwr.app import ArrayRecord
+
+    from fedlpt.quant import BFP
+    from fedlpt.quant.wire import encode_arrays
+    from fedlpt.strategy.traffic import serialized_size
+    from fedlpt.task import build_model
+
+    torch.manual_seed(0)
+    state = build_model("fmnist", "convnet").state_dict()
+    return {
+        "upload_bytes_fp32": serialized_size(ArrayRecord(state)),
+        **{
+            f"upload_bytes_b8_{block}": serialized_size(encode_arrays(state, BFP(8, block)))
+            for block in ("row", "kernel")
+        },
+    }
 
 
 def _plot(curves, stem: Path, title: str) -> None:
