@@ -174,7 +174,7 @@ def train(
     loss_sum = torch.zeros((), dtype=torch.float64, device=trainer.device)
     examples, steps = 0, 0
     total_steps = epochs * len(loader)
-    started = last_report = time.monotonic()
+    first_done = last_report = time.monotonic()
     with trainer:
         for epoch in range(epochs):
             for images, labels in loader:
@@ -183,9 +183,12 @@ def train(
                 examples += labels.shape[0]
                 steps += 1
                 now = time.monotonic()
+                if steps == 1:
+                    # The first step compiles the rounding kernels: pace is measured after it.
+                    first_done = now
                 if now - last_report >= progress_every_s:
                     last_report = now
-                    _log_progress(epoch, epochs, steps, total_steps, now - started)
+                    _log_progress(epoch, epochs, steps, total_steps, now - first_done)
     mean_loss = loss_sum.item() / examples if examples else float("nan")
     if examples and not math.isfinite(mean_loss):
         # The quantizers do not check every tensor (that would stall a GPU): a NaN or an
@@ -195,17 +198,13 @@ def train(
 
 
 def _log_progress(epoch: int, epochs: int, steps: int, total_steps: int, elapsed: float) -> None:
-    pace = steps / elapsed
-    left = (total_steps - steps) / pace
-    logger.info(
-        "fedlpt local training: epoch %d/%d, step %d/%d, %.1f steps/s, about %.0f s left",
-        epoch + 1,
-        epochs,
-        steps,
-        total_steps,
-        pace,
-        left,
-    )
+    """One line: where training is and, once a step has been timed, its pace and time left."""
+    where = f"fedlpt local training: epoch {epoch + 1}/{epochs}, step {steps}/{total_steps}"
+    if steps < 2 or elapsed <= 0:
+        logger.info("%s (the first step may compile the rounding kernels; pace follows)", where)
+        return
+    pace = (steps - 1) / elapsed
+    logger.info("%s, %.1f steps/s, about %.0f s left", where, pace, (total_steps - steps) / pace)
 
 
 @torch.no_grad()

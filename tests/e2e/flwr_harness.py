@@ -760,3 +760,19 @@ def flwr_run(
             f"--- flwr run output ---\n{out}\n{federation.logs()}"
         )
     return result
+
+
+def serverapp_pids(federation: FlwrFederation) -> set[int]:
+    """PIDs of the ServerApp processes (``flwr-serverapp``) the federation's SuperLink runs."""
+    table = _proc_table()
+    roots = [p.pid for p in federation.processes]
+    found = set()
+    for pid in _descendants(roots, table):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                args = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if any(Path(a.decode(errors="replace")).name == "flwr-serverapp" for a in args[:2]):
+            found.add(pid)
+    return found
