@@ -75,7 +75,7 @@ def main() -> None:
             "seed": seed,
             "run_config": {**base, "bits": bits, "ema": ema, "seed": seed},
         }
-        for bits, ema in GRID
+        for bits, ema in grid  # only the configs asked for are run
         for seed in SEEDS
     ]
     # Bytes of a round with the downlink quantized too (deterministic: one short run).
