@@ -11,6 +11,10 @@ Two runtimes are supported:
   ``flwr run`` executes as a ``flwr-simulation`` process (ServerApp in-process,
   ClientApps in Ray actors) launched by a ``flower-superexec`` that the
   SuperLink spawns itself.
+* :func:`simulation_superlink` with ``ray_address`` -- the same, but every
+  run's ``flwr-simulation`` attaches to an existing Ray cluster (e.g. one from
+  :func:`ray_cluster`: a ``ray start --head`` plus ``ray start --address``
+  workers, each node with its own temp dir) through ``RAY_ADDRESS``.
 * :func:`deployment_federation` -- a ``flower-superlink`` plus N
   ``flower-supernode`` processes. The ServerApp runs as ``flwr-serverapp`` (child
   of the SuperLink's SuperExec); each ClientApp runs as ``flwr-clientapp``
@@ -67,7 +71,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import tomli_w
 
@@ -157,25 +161,35 @@ def _short_tmp_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp" if os.path.isdir("/tmp") else None))
 
 
-def _base_env(flwr_home: Path, tag: str, ray_tmp: Path | None) -> dict[str, str]:
+def _ray_env(tag: str) -> dict[str, str]:
+    """This process's environment, minus any inherited Ray address, plus our tag."""
     env = dict(os.environ)
     for var in ("RAY_ADDRESS", HARNESS_TAG_VAR):
         env.pop(var, None)
     env.update(
         {
             "PATH": f"{flwr_bin_dir()}{os.pathsep}{env.get('PATH', '')}",
-            "FLWR_HOME": str(flwr_home),
             HARNESS_TAG_VAR: tag,
             "PYTHONUNBUFFERED": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             # Ray: no usage stats, no log dedup (full ClientApp logs), quiet.
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_DISABLE_USAGE_STATS": "1",
             "RAY_DEDUP_LOGS": "0",
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
             "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        }
+    )
+    return env
+
+
+def _base_env(flwr_home: Path, tag: str, ray_tmp: Path | None) -> dict[str, str]:
+    env = _ray_env(tag)
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         }
     )
     if ray_tmp is not None:
@@ -379,8 +393,12 @@ def _http_ok(url: str, timeout: float = 0.5) -> bool:
         return False
 
 
+class _HasLogs(Protocol):
+    def logs(self, max_chars: int = ...) -> str: ...
+
+
 def _wait_until(
-    ready: Callable[[], bool], proc: ManagedProcess, timeout: float, fed: FlwrFederation
+    ready: Callable[[], bool], proc: ManagedProcess, timeout: float, fed: _HasLogs
 ) -> None:
     """Poll ``ready()`` until true; fail fast if ``proc`` dies, or on timeout."""
     deadline = time.monotonic() + timeout
@@ -498,6 +516,7 @@ def simulation_superlink(
     client_num_cpus: int = 1,
     client_num_gpus: float = 0.0,
     ray_num_cpus: int | None = None,
+    ray_address: str | None = None,
     log_dir: Path | None = None,
     work_dir: Path | None = None,
     connection: str = DEFAULT_CONNECTION,
@@ -511,8 +530,19 @@ def simulation_superlink(
     ``client_num_cpus`` must be an int (proto field is int32; the 1.41 default
     is 2 CPUs per ClientApp, i.e. only one ClientApp at a time on 2 cores).
     ``ray_num_cpus`` caps the CPUs Ray sees (``init-args-num-cpus``).
+
+    ``ray_address`` (a GCS ``host:port``, e.g. :attr:`RayCluster.address`)
+    attaches every run to that existing Ray cluster instead of a private one:
+    it is put into the SuperLink's environment as ``RAY_ADDRESS``, which its
+    SuperExec and ``flwr-simulation`` inherit; the Ray backend's bare
+    ``ray.init(...)`` then connects to it. It cannot be combined with
+    ``ray_num_cpus``: Ray refuses ``num_cpus`` when connecting to a cluster.
     """
+    if ray_address is not None and ray_num_cpus is not None:
+        raise ValueError("ray_num_cpus (init-args-num-cpus) is refused by an existing cluster")
     with _federation_scope(flwr_home, log_dir, work_dir, use_ray=True) as scope:
+        if ray_address is not None:
+            scope[3]["RAY_ADDRESS"] = ray_address
         fed_cfg: dict[str, Any] = {
             "num-supernodes": int(num_supernodes),
             "client-resources-num-cpus": int(client_num_cpus),
@@ -586,6 +616,232 @@ def deployment_federation(
             yield fed
         finally:
             stop_processes(fed.processes, fed.tag)
+
+
+# --------------------------------------------------------------------------- #
+# An existing Ray cluster (``ray start``) for the simulation engine
+# --------------------------------------------------------------------------- #
+#: Ray writes this line into a worker's ``worker-*.out`` when it becomes an actor.
+_ACTOR_NAME_LINE = ":actor_name:{}"
+_RAY_STARTED = "Ray runtime started."
+
+
+_TASKS_PER_NODE = """
+import collections, json, sys
+import ray
+from ray._private.state import state
+from ray.core.generated import gcs_pb2
+
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+tasks = collections.defaultdict(collections.Counter)
+for raw in state._connect_and_get_accessor().get_task_events():
+    event = gcs_pb2.TaskEvents.FromString(raw)
+    node = event.state_updates.node_id or event.task_info.node_id
+    if event.task_info.name and node:
+        tasks[node.hex()][event.task_info.name] += 1
+nodes = [
+    {"id": n["NodeID"], "socket": n["ObjectStoreSocketName"], "tasks": tasks[n["NodeID"]]}
+    for n in ray.nodes()
+]
+ray.shutdown()
+print(json.dumps(nodes))
+"""
+
+
+@dataclass
+class RayCluster:
+    """A Ray cluster of ``ray start --block`` processes, one per node, all local.
+
+    Each node has its own ``--temp-dir``, so each raylet writes the logs of the
+    workers (actors) it runs into its own ``<temp dir>/session_latest/logs``:
+    that is how a test tells which node ran what.
+    """
+
+    #: GCS ``host:port`` as Ray reports it (``ray_current_cluster``); what
+    #: ``ray start --address`` and ``RAY_ADDRESS`` take. Ray replaces 127.0.0.1
+    #: by the machine's IP (``services.resolve_ip_for_localhost``).
+    address: str
+    node_temp_dirs: list[Path]  # [head, worker-1, ...]
+    log_dir: Path
+    env: dict[str, str]
+    tag: str
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    def logs(self, max_chars: int = 20_000) -> str:
+        """The ``ray start`` outputs (each truncated to its last ``max_chars``)."""
+        parts = []
+        for proc in self.processes:
+            text = proc.log_text()[-max_chars:]
+            parts.append(f"===== {proc.name} (pid {proc.pid}) log =====\n{text}")
+        return "\n".join(parts)
+
+    def node_log_dirs(self) -> list[Path]:
+        """Each node's Ray log dir (``<temp dir>/session_latest/logs``), head first."""
+        return [d / "session_latest" / "logs" for d in self.node_temp_dirs]
+
+    def actor_logs(self, class_name: str) -> list[list[Path]]:
+        """Per node (head first): the worker stdout logs of ``class_name`` actors.
+
+        Dead workers' logs move to ``logs/old``; both places are searched.
+        """
+        needle = _ACTOR_NAME_LINE.format(class_name)
+        found: list[list[Path]] = []
+        for logs in self.node_log_dirs():
+            hits = []
+            for path in sorted(logs.rglob("worker-*.out")):
+                with contextlib.suppress(OSError):
+                    head = path.read_text(encoding="utf-8", errors="replace")[:4096]
+                    if needle in head.splitlines():
+                        hits.append(path)
+            found.append(hits)
+        return found
+
+    def tasks_per_node(self, timeout: float = 120.0) -> list[dict[str, int]]:
+        """Per node (head first): ``{task name: count}`` of the tasks it ran.
+
+        Read from the task events the GCS keeps (what ``ray list tasks`` shows;
+        that CLI needs ``ray[default]``'s dashboard, so this reads them through a
+        short-lived driver instead). A node is told by its plasma socket, which
+        lies in its own temp dir.
+        """
+        out = subprocess.run(
+            [sys.executable, "-c", _TASKS_PER_NODE, self.address],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            start_new_session=True,
+        )
+        try:
+            by_node = json.loads(out.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError) as err:
+            raise FlwrHarnessError(f"cannot read task events: {out.stdout}{out.stderr}") from err
+        found: list[dict[str, int]] = []
+        for temp_dir in self.node_temp_dirs:
+            found.append({})
+            for node in by_node:
+                if node["socket"].startswith(f"{temp_dir}{os.sep}"):
+                    found[-1] = node["tasks"]
+        return found
+
+    def status(self, timeout: float = 60.0) -> str:
+        """``ray status --address <address>`` (nodes, CPUs in use)."""
+        out = subprocess.run(
+            [str(flwr_bin_dir() / "ray"), "status", "--address", self.address],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            start_new_session=True,
+        )
+        return out.stdout + out.stderr
+
+
+def _free_port_args(*flags: str) -> list[str]:
+    args: list[str] = []
+    for flag in flags:
+        args += [flag, str(free_port())]
+    return args
+
+
+#: Ports a node opens; each gets a free one so that two nodes on one machine, or
+#: another user's Ray, never collide (several default to fixed numbers).
+_NODE_PORT_FLAGS = (
+    "--node-manager-port",
+    "--object-manager-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+)
+
+
+@contextlib.contextmanager
+def ray_cluster(
+    log_dir: Path,
+    num_workers: int = 1,
+    *,
+    num_cpus: int = 1,
+    startup_timeout: float = 120.0,
+) -> Iterator[RayCluster]:
+    """Start a Ray head plus ``num_workers`` worker nodes on this machine.
+
+    Each node is ``ray start --block`` (its own session, its own free ports,
+    ``--num-cpus num_cpus``, its own short temp dir under ``/tmp``: Ray's
+    AF_UNIX socket paths would exceed 107 bytes under pytest's ``tmp_path``).
+    ``ray start`` output goes to ``log_dir``, and on exit each node's Ray logs
+    are copied to ``log_dir/head``, ``log_dir/worker-<i>``. Every node is stopped by
+    PID -- SIGTERM to the blocking ``ray start`` stops its raylet, GCS and
+    workers; leftovers get SIGKILL -- workers first, then the head. Never
+    ``ray stop``: it kills every Ray process of the user on the machine.
+    """
+    log_dir = Path(log_dir).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    root = _short_tmp_dir("flwr-raycl-")
+    tag = uuid.uuid4().hex
+    env = _ray_env(tag)
+    env["RAY_TMPDIR"] = str(root / "cli")  # for `ray status` & co., never /tmp/ray
+    ray = str(flwr_bin_dir() / "ray")
+    common = ["--block", "--num-cpus", str(int(num_cpus)), "--disable-usage-stats"]
+    cluster = RayCluster("", [], log_dir, env, tag)
+    node_names = ["head", *(f"worker-{i}" for i in range(1, num_workers + 1))]
+    try:
+        head_dir = root / "head"
+        head = _start(
+            "ray-head",
+            [
+                ray,
+                "start",
+                "--head",
+                "--port",
+                str(free_port()),
+                "--temp-dir",
+                str(head_dir),
+                "--include-dashboard",
+                "false",
+                *_free_port_args("--ray-client-server-port", *_NODE_PORT_FLAGS),
+                *common,
+            ],
+            env,
+            root,
+            log_dir,
+        )
+        cluster.processes.append(head)
+        cluster.node_temp_dirs.append(head_dir)
+        _wait_until(lambda: _RAY_STARTED in head.log_text(), head, startup_timeout, cluster)
+        cluster.address = (head_dir / "ray_current_cluster").read_text().strip()
+        for i in range(1, num_workers + 1):
+            node_dir = root / f"worker-{i}"
+            node = _start(
+                f"ray-worker-{i}",
+                [
+                    ray,
+                    "start",
+                    "--address",
+                    cluster.address,
+                    "--temp-dir",
+                    str(node_dir),
+                    *_free_port_args(*_NODE_PORT_FLAGS),
+                    *common,
+                ],
+                env,
+                root,
+                log_dir,
+            )
+            cluster.processes.append(node)
+            cluster.node_temp_dirs.append(node_dir)
+            _wait_until(lambda n=node: _RAY_STARTED in n.log_text(), node, startup_timeout, cluster)
+        yield cluster
+    finally:
+        try:
+            stop_processes(cluster.processes, tag)
+        finally:
+            for name, logs in zip(node_names, cluster.node_log_dirs(), strict=False):
+                with contextlib.suppress(OSError):
+                    shutil.copytree(logs, log_dir / name, symlinks=True, dirs_exist_ok=True)
+            shutil.rmtree(root, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- #
