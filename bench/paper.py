@@ -32,6 +32,7 @@ import resource
 import statistics
 import time
 import traceback
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,13 +109,19 @@ CPU_QUICK = Scale(clients=10, rounds=15, seeds=(0,), train_examples=3000, test_e
 
 
 def run_config(
-    name: str, scale: Scale, seed: int, alpha: float, device: str, data_dir: str = ""
+    name: str,
+    scale: Scale,
+    seed: int,
+    alpha: float,
+    device: str,
+    data_dir: str = "",
+    configs: Mapping[str, Mapping[str, Any]] = CONFIGS,
 ) -> dict[str, Any]:
-    """The run config of one run."""
+    """The run config of one run: the paper's setup with ``configs[name]`` on top."""
     return {
         "data-dir": data_dir,
         **PAPER_SETUP,
-        **CONFIGS[name],
+        **configs[name],
         "alpha": alpha,
         "seed": seed,
         "num-server-rounds": scale.rounds,
@@ -194,21 +201,62 @@ def _summary(job: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
         "megabytes": [r["cumulative-mb"] for r in rows],
         "last5": statistics.mean(r["accuracy"] for r in trained[-5:]) if trained else 0.0,
         "bytes_up": statistics.mean(r["bytes-up"] for r in trained) if trained else 0.0,
+        "bytes_down": statistics.mean(r["bytes-down"] for r in trained) if trained else 0.0,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, 15 rounds (CPU scale)")
+def add_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    """The options every FMNIST federation bench shares: scale, data, processes, folders."""
+    parser.add_argument("--quick", action="store_true", help="one seed, fewer rounds (CPU scale)")
     parser.add_argument("--scale", choices=("cpu", "paper"), default="cpu")
-    parser.add_argument("--configs", default="", help="comma-separated subset of CONFIGS")
+    parser.add_argument("--configs", default="", help="comma-separated subset of the configs")
     parser.add_argument("--alpha", type=float, default=0.01)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default="", help="a folder of the FMNIST IDX files")
     parser.add_argument("--workers", type=int, default=0, help="ClientApp processes per run")
     parser.add_argument("--parallel", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--out", type=Path, default=Path("results/bench_paper"))
-    parser.add_argument("--plot", type=Path, default=None, help="figure stem (default: OUT/paper)")
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="figure stem (default: OUT/TAG/<bench name>)"
+    )
+
+
+def make_jobs(
+    names: Sequence[str],
+    scale: Scale,
+    folder: Path,
+    args: argparse.Namespace,
+    configs: Mapping[str, Mapping[str, Any]] = CONFIGS,
+) -> list[dict[str, Any]]:
+    """One job per config and seed, each with its run folder ``folder/<name>-seed<seed>``."""
+    return [
+        {
+            "name": name,
+            "seed": seed,
+            "clients": scale.clients,
+            "workers": args.workers,
+            "folder": str(folder / f"{name}-seed{seed}"),
+            "run_config": run_config(
+                name, scale, seed, args.alpha, args.device, args.data_dir, configs
+            ),
+        }
+        for name in names
+        for seed in scale.seeds
+    ]
+
+
+def mean_curve(runs: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float]]:
+    """Accuracy and cumulative MB per round (round 0 first), each the mean over ``runs``,
+    as far as the shortest run went."""
+    length = min(len(r["accuracy"]) for r in runs)
+    accuracy = [statistics.mean(r["accuracy"][i] for r in runs) for i in range(length)]
+    megabytes = [statistics.mean(r["megabytes"][i] for r in runs) for i in range(length)]
+    return accuracy, megabytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_run_arguments(parser, Path("results/bench_paper"))
     args = parser.parse_args()
     scales = {"paper": PAPER_SCALE, "cpu": CPU_QUICK if args.quick else CPU_SCALE}
     scale = scales[args.scale]
@@ -221,18 +269,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
     tag = f"{args.scale}{'-quick' if args.quick else ''}-alpha{args.alpha:g}"
-    jobs = [
-        {
-            "name": name,
-            "seed": seed,
-            "clients": scale.clients,
-            "workers": args.workers,
-            "folder": str(args.out / tag / f"{name}-seed{seed}"),
-            "run_config": run_config(name, scale, seed, args.alpha, args.device, args.data_dir),
-        }
-        for name in names
-        for seed in scale.seeds
-    ]
+    jobs = make_jobs(names, scale, args.out / tag, args)
     started = time.perf_counter()
     results = run_all(jobs, args.parallel)
     wall = time.perf_counter() - started
@@ -319,10 +356,8 @@ def _plot(curves, stem: Path, title: str) -> None:
 
     mean_curves = []
     for label, runs in curves:
-        length = min(len(r["accuracy"]) for r in runs)
-        accuracy = [statistics.mean(r["accuracy"][i] for r in runs) for i in range(length)]
-        megabytes = [statistics.mean(r["megabytes"][i] for r in runs) for i in range(length)]
-        mean_curves.append(Curve(label, list(range(length)), accuracy, megabytes))
+        accuracy, megabytes = mean_curve(runs)
+        mean_curves.append(Curve(label, list(range(len(accuracy))), accuracy, megabytes))
     paths = save_figure(accuracy_figure(mean_curves, f"Fashion-MNIST, {title}"), stem)
     print("figure:", ", ".join(str(p) for p in paths))
 
