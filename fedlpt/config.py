@@ -199,8 +199,11 @@ class AppConfig:
     ema: bool = _setting(True, "server moving average of the global model")
     ema_decay: float = _setting(0.9, "EMA decay d: w = d*w + (1-d)*w_agg", check=_decay)
     ema_start: int = _setting(1, "first round whose aggregate enters the EMA", check=_at_least(1))
+    # The default ramps the decay in (bench.paper, CPU scale, 3 seeds: at round 10 the
+    # fixed decay stalls at 43.0 %, the warm-up reaches 45.8 %, no EMA 37.1 %; after 40
+    # rounds 55.5 % vs the fixed decay's 55.0 %); the paper presets keep its fixed decay.
     ema_warmup: int = _setting(
-        0, "rounds over which the decay ramps from 0 to ema-decay; 0: fixed", check=_at_least(0)
+        10, "rounds over which the decay ramps from 0 to ema-decay; 0: fixed", check=_at_least(0)
     )
     aggregation_weights: str = _setting(
         "examples",
