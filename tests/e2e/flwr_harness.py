@@ -18,7 +18,11 @@ Two runtimes are supported:
 * :func:`deployment_federation` -- a ``flower-superlink`` plus N
   ``flower-supernode`` processes. The ServerApp runs as ``flwr-serverapp`` (child
   of the SuperLink's SuperExec); each ClientApp runs as ``flwr-clientapp``
-  (child of the SuperNode's SuperExec).
+  (child of the SuperNode's SuperExec). Insecure by default; with ``tls=`` the
+  SuperLink serves TLS and, with ``supernode_keys=``, also authenticates
+  SuperNodes (``--enable-supernode-auth``): the public keys are registered with
+  ``flwr supernode register`` before the SuperNodes start
+  (:func:`start_supernode` starts more, e.g. one with an unregistered key).
 
 How 1.41 is wired (facts this module relies on):
 
@@ -26,7 +30,8 @@ How 1.41 is wired (facts this module relies on):
   (``--host``/``--port``, default 127.0.0.1:8000); ``/health`` answers 200 when
   it is up. ``--control-api-address``/``--fleet-api-address`` are deprecated.
 * The CLI reads SuperLink connections from ``$FLWR_HOME/config.toml``
-  (``[superlink.<name>]`` with ``address`` and ``insecure``). If that file does
+  (``[superlink.<name>]`` with ``address`` and ``insecure``, or, for TLS,
+  ``root-certificates``: the CA's certificate as an ABSOLUTE path). If that file does
   not exist, ``flwr`` creates one whose default connection is ``:local:``, which
   lazily spawns a *detached* SuperLink on 127.0.0.1:39091 that outlives the
   command. We always write ``config.toml`` first and pass the connection name.
@@ -34,6 +39,12 @@ How 1.41 is wired (facts this module relies on):
   (``num-supernodes``, ``client-resources-num-cpus`` (int!),
   ``client-resources-num-gpus``, ``init-args-num-cpus``, ...). The old
   ``options.*`` keys in ``config.toml`` still work but are deprecated.
+* With TLS, the SuperLink's own SuperExec connects back to ``--host`` (0.0.0.0 and
+  :: become 127.0.0.1 and ::1) with ``--ssl-ca-certfile`` as its root, so the
+  server certificate needs the loopback address among its SANs.
+* With ``--enable-supernode-auth`` a SuperNode whose key is not registered exits
+  at start-up (code 305, "Failed to activate SuperNode"); one with no key at all
+  is refused too (registration through the Fleet API is disabled).
 * SuperLink/SuperNode launch helper processes by bare name (``flower-superexec``,
   ``flwr-simulation``, ``flwr-serverapp``, ``flwr-clientapp``), so the venv's
   ``bin`` directory must be first on ``PATH``.
@@ -61,6 +72,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -127,8 +139,13 @@ def write_flwr_config(
     connection: str = DEFAULT_CONNECTION,
     *,
     options: Mapping[str, Any] | None = None,
+    root_certificates: Path | None = None,
 ) -> Path:
-    """Write ``flwr_home/config.toml`` with a single insecure SuperLink connection.
+    """Write ``flwr_home/config.toml`` with a single SuperLink connection.
+
+    Insecure, unless ``root_certificates`` (the CA certificate that signed the
+    SuperLink's certificate) is given: then ``root-certificates = "<absolute
+    path>"`` replaces ``insecure = true`` and the CLI talks TLS.
 
     The schema (flwr 1.41) is::
 
@@ -146,7 +163,11 @@ def write_flwr_config(
     spawn its own detached SuperLink on 127.0.0.1:39091.
     """
     flwr_home.mkdir(parents=True, exist_ok=True)
-    conn: dict[str, Any] = {"address": address, "insecure": True}
+    conn: dict[str, Any] = {"address": address}
+    if root_certificates is None:
+        conn["insecure"] = True
+    else:
+        conn["root-certificates"] = str(Path(root_certificates).resolve())
     if options:
         conn["options"] = dict(options)
     doc = {"superlink": {"default": connection, connection: conn}}
@@ -182,7 +203,9 @@ def _ray_env(tag: str) -> dict[str, str]:
     return env
 
 
-def _base_env(flwr_home: Path, tag: str, ray_tmp: Path | None) -> dict[str, str]:
+def _base_env(
+    flwr_home: Path, tag: str, ray_tmp: Path | None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
     env = _ray_env(tag)
     env.update(
         {
@@ -194,6 +217,7 @@ def _base_env(flwr_home: Path, tag: str, ray_tmp: Path | None) -> dict[str, str]
     )
     if ray_tmp is not None:
         env["RAY_TMPDIR"] = str(ray_tmp)
+    env.update(extra or {})
     return env
 
 
@@ -385,9 +409,10 @@ def stop_processes(procs: Sequence[ManagedProcess], tag: str, grace: float = 10.
         raise FlwrHarnessError(f"Processes survived cleanup: {sorted(still)}")
 
 
-def _http_ok(url: str, timeout: float = 0.5) -> bool:
+def _http_ok(url: str, timeout: float = 0.5, cafile: Path | None = None) -> bool:
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile is not None else None
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
             return bool(resp.status == 200)
     except (urllib.error.URLError, OSError, ValueError):
         return False
@@ -432,6 +457,10 @@ class FlwrFederation:
     federation_config: dict[str, Any] = field(default_factory=dict)
     processes: list[ManagedProcess] = field(default_factory=list)
     supernode_work_dirs: list[Path] = field(default_factory=list)
+    #: TLS files of the SuperLink (None: insecure).
+    tls: SuperLinkTls | None = None
+    #: Whether the SuperLink runs with ``--enable-supernode-auth``.
+    supernode_auth: bool = False
 
     def logs(self, max_chars: int = 20_000) -> str:
         """All captured process logs (each truncated to its last ``max_chars``)."""
@@ -446,7 +475,11 @@ class FlwrFederation:
 
 @contextlib.contextmanager
 def _federation_scope(
-    flwr_home: Path, log_dir: Path | None, work_dir: Path | None, use_ray: bool
+    flwr_home: Path,
+    log_dir: Path | None,
+    work_dir: Path | None,
+    use_ray: bool,
+    extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[Path, Path, str, dict[str, str]]]:
     flwr_home = Path(flwr_home).resolve()
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -457,7 +490,7 @@ def _federation_scope(
     ray_tmp = _short_tmp_dir("flwr-ray-") if use_ray else None
     tag = uuid.uuid4().hex
     try:
-        yield log_dir, work_dir, tag, _base_env(flwr_home, tag, ray_tmp)
+        yield log_dir, work_dir, tag, _base_env(flwr_home, tag, ray_tmp, extra_env)
     finally:
         if ray_tmp is not None:
             shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -466,21 +499,29 @@ def _federation_scope(
 def _start_superlink(
     fed: FlwrFederation, port: int, simulation: bool, startup_timeout: float
 ) -> None:
-    args = [
-        str(flwr_bin_dir() / "flower-superlink"),
-        "--insecure",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--disable-runtime-dependency-installation",
-    ]
+    args = [str(flwr_bin_dir() / "flower-superlink")]
+    if fed.tls is None:
+        args.append("--insecure")
+    else:
+        args += [
+            "--ssl-ca-certfile",
+            str(fed.tls.ca_cert),
+            "--ssl-certfile",
+            str(fed.tls.server_cert),
+            "--ssl-keyfile",
+            str(fed.tls.server_key),
+        ]
+    if fed.supernode_auth:
+        args.append("--enable-supernode-auth")
+    args += ["--host", "127.0.0.1", "--port", str(port)]
+    args.append("--disable-runtime-dependency-installation")
     if simulation:
         args.append("--simulation")
     proc = _start("superlink", args, fed.env, fed.work_dir, fed.log_dir)
     fed.processes.append(proc)
-    health_url = f"http://{fed.address}/health"
-    _wait_until(lambda: _http_ok(health_url), proc, startup_timeout, fed)
+    scheme, cafile = ("http", None) if fed.tls is None else ("https", fed.tls.ca_cert)
+    health_url = f"{scheme}://{fed.address}/health"
+    _wait_until(lambda: _http_ok(health_url, cafile=cafile), proc, startup_timeout, fed)
 
 
 def _new_federation(
@@ -488,6 +529,9 @@ def _new_federation(
     connection: str,
     scope: tuple[Path, Path, str, dict[str, str]],
     federation_config: dict[str, Any] | None = None,
+    *,
+    tls: SuperLinkTls | None = None,
+    supernode_auth: bool = False,
 ) -> tuple[FlwrFederation, int]:
     """A federation on a free SuperLink port, with its ``config.toml`` written."""
     log_dir, work_dir, tag, env = scope
@@ -503,8 +547,11 @@ def _new_federation(
         env=env,
         tag=tag,
         federation_config=federation_config or {},
+        tls=tls,
+        supernode_auth=supernode_auth,
     )
-    write_flwr_config(fed.flwr_home, address, connection)
+    root = tls.ca_cert if tls is not None else None
+    write_flwr_config(fed.flwr_home, address, connection, root_certificates=root)
     return fed, port
 
 
@@ -558,18 +605,115 @@ def simulation_superlink(
             stop_processes(fed.processes, fed.tag)
 
 
+@dataclass(frozen=True)
+class SuperLinkTls:
+    """The SuperLink's TLS files (as written by ``deploy/make-certs.sh``)."""
+
+    ca_cert: Path  # --ssl-ca-certfile; the root-certificates of SuperNodes and the CLI
+    server_cert: Path  # --ssl-certfile
+    server_key: Path  # --ssl-keyfile
+
+    @classmethod
+    def from_dir(cls, folder: Path) -> SuperLinkTls:
+        """``ca.crt``, ``server.pem`` and ``server.key`` of ``folder``."""
+        folder = Path(folder).resolve()
+        return cls(folder / "ca.crt", folder / "server.pem", folder / "server.key")
+
+
+def _flwr_cli(
+    fed: FlwrFederation, args: Sequence[str], timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``flwr <args>`` with the federation's env and cwd; stdout+stderr merged."""
+    return subprocess.run(
+        [str(flwr_bin_dir() / "flwr"), *args],
+        env={**fed.env, "COLUMNS": "200"},
+        cwd=fed.work_dir,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+        start_new_session=True,
+    )
+
+
+def _json_of(text: str) -> dict[str, Any]:
+    return dict(json.loads(text[text.index("{") : text.rindex("}") + 1]))
+
+
+def register_supernode(fed: FlwrFederation, public_key: Path) -> int:
+    """``flwr supernode register <public_key> <connection>``; returns the node id."""
+    args = ["supernode", "register", str(public_key), fed.connection, "--format", "json"]
+    out = _flwr_cli(fed, args)
+    try:
+        return int(_json_of(out.stdout)["node-id"])
+    except (ValueError, KeyError) as err:
+        raise FlwrHarnessError(f"`flwr {' '.join(args)}` failed: {out.stdout}") from err
+
+
+def list_supernodes(fed: FlwrFederation) -> dict[int, str]:
+    """``flwr supernode list <connection> --format json`` as ``{node id: status}``."""
+    out = _flwr_cli(fed, ["supernode", "list", fed.connection, "--format", "json"])
+    try:
+        nodes = _json_of(out.stdout)["nodes"]
+        return {int(n["node-id"]): str(n["status"]) for n in nodes}
+    except (ValueError, KeyError) as err:
+        raise FlwrHarnessError(f"`flwr supernode list` failed: {out.stdout}") from err
+
+
+def start_supernode(
+    fed: FlwrFederation,
+    node_config: Mapping[str, Any],
+    *,
+    name: str | None = None,
+    auth_key: Path | None = None,
+) -> ManagedProcess:
+    """Start one ``flower-supernode`` for ``fed`` (stopped with the federation).
+
+    It gets its own Runtime API port (``--port``) and cwd ``work_dir/<name>``;
+    with TLS it trusts the federation's CA (``--root-certificates``); with
+    ``auth_key`` it signs its requests with that private key
+    (``--auth-supernode-private-key``). Does not wait: see :func:`wait_online`.
+    """
+    name = name or f"supernode-{len(fed.supernode_work_dirs)}"
+    node_dir = fed.work_dir / name
+    node_dir.mkdir(parents=True, exist_ok=True)
+    fed.supernode_work_dirs.append(node_dir)
+    args = [str(flwr_bin_dir() / "flower-supernode")]
+    if fed.tls is None:
+        args.append("--insecure")
+    else:
+        args += ["--root-certificates", str(fed.tls.ca_cert)]
+    if auth_key is not None:
+        args += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
+    args += ["--superlink", fed.address, "--host", "127.0.0.1", "--port", str(free_port())]
+    args += ["--node-config", format_config_args(node_config)]
+    proc = _start(name, args, fed.env, node_dir, fed.log_dir)
+    fed.processes.append(proc)
+    return proc
+
+
+def wait_online(fed: FlwrFederation, node: ManagedProcess, timeout: float = 60.0) -> None:
+    """Wait until ``node`` logs ``SuperNode ID:`` (registered and activated)."""
+    _wait_until(lambda: "SuperNode ID:" in node.log_text(), node, timeout, fed)
+
+
 @contextlib.contextmanager
 def deployment_federation(
     flwr_home: Path,
     num_supernodes: int = 2,
     node_configs: Sequence[Mapping[str, Any]] | None = None,
     *,
+    tls: SuperLinkTls | None = None,
+    supernode_keys: Sequence[Path] | None = None,
+    extra_env: Mapping[str, str] | None = None,
     log_dir: Path | None = None,
     work_dir: Path | None = None,
     connection: str = DEFAULT_CONNECTION,
     startup_timeout: float = 60.0,
 ) -> Iterator[FlwrFederation]:
-    """Start a SuperLink + ``num_supernodes`` SuperNodes (insecure, free ports).
+    """Start a SuperLink + ``num_supernodes`` SuperNodes (free ports).
 
     ``node_configs[i]`` becomes SuperNode i's ``--node-config`` (TOML values,
     e.g. ``{"partition-id": 0, "num-partitions": 2}``); by default each node gets
@@ -577,6 +721,12 @@ def deployment_federation(
     Runtime (ClientAppIo) port and its own cwd ``work_dir/supernode-<i>``. The
     context yields once every SuperNode has logged ``SuperNode ID:``, i.e. is
     registered and online at the SuperLink.
+
+    Insecure unless ``tls`` is given. ``supernode_keys`` (one private key per
+    SuperNode, its public key next to it as ``<key>.pub``; needs ``tls``) turns
+    on ``--enable-supernode-auth``: each public key is registered with ``flwr
+    supernode register`` before SuperNode i starts with key i. ``extra_env`` is
+    added to the environment of every process (e.g. ``{"FEDLPT_EAGER": "1"}``).
     """
     if node_configs is None:
         node_configs = [
@@ -584,35 +734,25 @@ def deployment_federation(
         ]
     if len(node_configs) != num_supernodes:
         raise ValueError("need exactly one node_config per SuperNode")
-    with _federation_scope(flwr_home, log_dir, work_dir, use_ray=False) as scope:
-        fed, port = _new_federation("deployment", connection, scope)
+    if supernode_keys is not None and (tls is None or len(supernode_keys) != num_supernodes):
+        raise ValueError("supernode_keys needs tls and exactly one key per SuperNode")
+    with _federation_scope(flwr_home, log_dir, work_dir, False, extra_env) as scope:
+        fed, port = _new_federation(
+            "deployment", connection, scope, tls=tls, supernode_auth=supernode_keys is not None
+        )
         try:
             _start_superlink(fed, port, simulation=False, startup_timeout=startup_timeout)
-            nodes: list[ManagedProcess] = []
-            for i, node_config in enumerate(node_configs):
-                node_dir = fed.work_dir / f"supernode-{i}"
-                node_dir.mkdir(parents=True, exist_ok=True)
-                fed.supernode_work_dirs.append(node_dir)
-                args = [
-                    str(flwr_bin_dir() / "flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    fed.address,
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(free_port()),
-                    "--node-config",
-                    format_config_args(node_config),
-                ]
-                proc = _start(f"supernode-{i}", args, fed.env, node_dir, fed.log_dir)
-                fed.processes.append(proc)
-                nodes.append(proc)
+            keys: Sequence[Path | None] = supernode_keys or [None] * num_supernodes
+            for key in keys:
+                if key is not None:
+                    register_supernode(fed, Path(f"{key}.pub"))
+            nodes = [
+                start_supernode(fed, node_config, name=f"supernode-{i}", auth_key=key)
+                for i, (node_config, key) in enumerate(zip(node_configs, keys, strict=True))
+            ]
             for node in nodes:
                 # Logged once the node is registered and activated at the SuperLink.
-                _wait_until(
-                    lambda n=node: "SuperNode ID:" in n.log_text(), node, startup_timeout, fed
-                )
+                wait_online(fed, node, startup_timeout)
             yield fed
         finally:
             stop_processes(fed.processes, fed.tag)
