@@ -52,6 +52,7 @@ EXPONENTS_KEY = "fedlpt.exponents"
 RAW_KEY = "fedlpt.raw"
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_TENSORS = 1 << 16
+MANIFEST_BYTES_PER_TENSOR = 1024
 MAX_DIMS = 16
 MAX_ELEMENTS = 1 << 34  # 16 G values: far above any model a client trains, far below 2**63
 
@@ -240,13 +241,20 @@ def _check_entry(index: int, entry: object, seen: set[str]) -> dict[str, object]
     return entry
 
 
-def read_manifest(record: ArrayRecord) -> list[dict[str, object]]:
-    """The validated tensor entries of a fedlpt record's manifest."""
+def read_manifest(record: ArrayRecord, max_tensors: int = MAX_TENSORS) -> list[dict[str, object]]:
+    """The validated tensor entries of a fedlpt record's manifest.
+
+    ``max_tensors``: a reader that knows how many tensors to expect (the server, which
+    sent the model) refuses a longer list before validating any entry.
+    """
     if not isinstance(record, ArrayRecord):
         raise PayloadError(f"expected an ArrayRecord, got {type(record).__name__}")
     raw = _read_npy(record, MANIFEST_KEY, "uint8")
-    if raw.size > MAX_MANIFEST_BYTES:
-        raise PayloadError(f"manifest is {raw.size} bytes (limit {MAX_MANIFEST_BYTES})")
+    # An entry is well under MANIFEST_BYTES_PER_TENSOR bytes (name, dtype, shape, bits,
+    # block): an expected count bounds the bytes worth parsing too.
+    byte_limit = min(MAX_MANIFEST_BYTES, 1024 + MANIFEST_BYTES_PER_TENSOR * max_tensors)
+    if raw.size > byte_limit:
+        raise PayloadError(f"manifest is {raw.size} bytes (limit {byte_limit})")
     try:
         manifest = json.loads(raw.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
@@ -258,8 +266,11 @@ def read_manifest(record: ArrayRecord) -> list[dict[str, object]]:
             f"unknown format version {manifest.get('version')!r} (this reader: {FORMAT_VERSION})"
         )
     entries = manifest.get("tensors")
-    if not isinstance(entries, list) or len(entries) > MAX_TENSORS:
-        raise PayloadError("manifest 'tensors' must be a list of at most 65536 entries")
+    limit = min(max_tensors, MAX_TENSORS)
+    if not isinstance(entries, list):
+        raise PayloadError("manifest 'tensors' must be a list")
+    if len(entries) > limit:
+        raise PayloadError(f"manifest lists {len(entries)} tensors, at most {limit} expected")
     seen: set[str] = set()
     return [_check_entry(i, entry, seen) for i, entry in enumerate(entries)]
 

@@ -112,7 +112,8 @@ class CodecStrategy(StrategyWrapper):
         record = reply.content.array_records.get(self.arrayrecord_key)
         if record is None or not is_encoded(record):
             return 32
-        return max((int(e["bits"]) for e in read_manifest(record) if "bits" in e), default=32)
+        entries = read_manifest(record, max_tensors=len(self.sent))
+        return max((int(e["bits"]) for e in entries if "bits" in e), default=32)
 
     def state_dict(self) -> dict[str, Any]:
         """Bits per node and round, with the inner chain's state."""
@@ -136,7 +137,8 @@ class CodecStrategy(StrategyWrapper):
         record = reply.content[key]
         if is_encoded(record):
             declared = {
-                str(e["name"]): (str(e["dtype"]), tuple(e["shape"])) for e in read_manifest(record)
+                str(e["name"]): (str(e["dtype"]), tuple(e["shape"]))
+                for e in read_manifest(record, max_tensors=len(self.sent))
             }
         else:
             declared = {name: (array.dtype, tuple(array.shape)) for name, array in record.items()}

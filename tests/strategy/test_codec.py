@@ -1,5 +1,6 @@
 """CodecStrategy on hand-made replies: formats announced, replies decoded or dropped, downlink."""
 
+import json
 import re
 
 import numpy as np
@@ -86,7 +87,7 @@ def test_a_malformed_payload_is_dropped_with_the_node_and_the_reason(tamper, rea
     "model_sent, reason",
     [
         ({"w": torch.zeros(4, 3)}, r"missing \['b'\]"),
-        ({"w": torch.zeros(4, 3), "b": torch.zeros(4), "x": torch.zeros(1)}, r"extra \['x'\]"),
+        ({"w": torch.zeros(4, 3), "b": torch.zeros(4), "x": torch.zeros(1)}, "lists 3 tensors"),
         ({"w": torch.zeros(3, 4), "b": torch.zeros(4)}, r"'w' is float32 \(3, 4\)"),
         ({"w": torch.zeros(4, 3), "b": torch.zeros(5)}, r"'b' is float32 \(5,\)"),
         ({"w": torch.zeros(4, 3, dtype=torch.float64), "b": torch.zeros(4)}, "float64"),
@@ -160,5 +161,18 @@ def test_a_reply_is_checked_against_the_model_before_it_is_decoded() -> None:
     plain = ArrayRecord({"w": torch.zeros(3, 4), "b": torch.zeros(4)})
     codec.aggregate_train(1, [reply(3, big), reply(4, plain), reply(5, encoded(small_model()))])
     reasons = {d.node_id: d.reason for d in codec.own_dropped(1)}
-    assert "extra ['x']" in reasons[3]
+    assert "lists 3 tensors, at most 2 expected" in reasons[3]
     assert "'w' is float32 (3, 4)" in reasons[4]
+
+
+def test_a_manifest_longer_than_the_model_is_refused_before_its_entries_are_read() -> None:
+    codec = CodecStrategy(FedAvg(), upload=UPLOAD)
+    configured(codec, small_model())
+    record = encoded(small_model())
+    manifest = json.loads(record[MANIFEST_KEY].numpy().tobytes())
+    manifest["tensors"] *= 20000  # 40,000 entries, about 3 MB: refused unparsed
+    raw = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
+    record[MANIFEST_KEY] = Array(raw)
+    codec.aggregate_train(1, [reply(3, record), reply(4, encoded(small_model()))])
+    (dropped,) = codec.own_dropped(1)
+    assert "manifest is" in dropped.reason and "(limit 3072)" in dropped.reason
