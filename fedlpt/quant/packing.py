@@ -13,6 +13,7 @@ import torch
 
 MIN_PACK_BITS = 1
 MAX_PACK_BITS = 16
+UNPACK_CHUNK = 1 << 16  # values per unpacking step; a multiple of 8
 
 
 def packed_size(count: int, bits: int) -> int:
@@ -89,6 +90,10 @@ def pack_bits(values: object, bits: int) -> np.ndarray:
 def unpack_bits(buf: object, bits: int, count: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`: ``count`` signed integers from packed bytes.
 
+    Widths other than 8 and 16 are unpacked :data:`UNPACK_CHUNK` values at a time into
+    the preallocated result, so the scratch memory is bounded by a constant (about
+    1 MiB) rather than growing with ``count`` (the server decodes untrusted uploads).
+
     Args:
         buf: bytes-like or uint8 ndarray of exactly ``ceil(count * bits / 8)`` bytes.
         bits: word length ``b``, 1..16.
@@ -110,6 +115,17 @@ def unpack_bits(buf: object, bits: int, count: int) -> np.ndarray:
         return data.view(np.int8)
     if bits == 16:
         return data.view("<i2").astype(np.int16)
+    out = np.empty(int(count), dtype=np.int8 if bits <= 8 else np.int16)
+    # A chunk of a multiple of 8 values ends on a byte boundary: the next starts on one.
+    for start in range(0, int(count), UNPACK_CHUNK):
+        stop = min(start + UNPACK_CHUNK, int(count))
+        chunk = data[start * bits // 8 : packed_size(stop, bits)]
+        out[start:stop] = _unpack_chunk(chunk, bits, stop - start)
+    return out
+
+
+def _unpack_chunk(data: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """``count`` values of ``bits`` (not 8 or 16) from ``data``, which starts a group."""
     sign = 1 << (bits - 1)
     mask = (1 << bits) - 1
     if bits in (1, 2, 4):
@@ -130,5 +146,4 @@ def unpack_bits(buf: object, bits: int, count: int) -> np.ndarray:
         wide = np.zeros((count, 16), dtype=np.uint8)
         wide[:, :bits] = matrix
         codes = np.packbits(wide, axis=1, bitorder="little").view("<u2").reshape(-1)
-    signed = (codes.astype(np.int32) ^ sign) - sign
-    return signed.astype(np.int8 if bits <= 8 else np.int16)
+    return (codes.astype(np.int32) ^ sign) - sign

@@ -1,5 +1,7 @@
 """Bit packing: exact round trips, exact sizes, the documented bit layout, clear errors."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fedlpt.quant import pack_bits, packed_size, unpack_bits
+from fedlpt.quant.packing import UNPACK_CHUNK
 
 
 @st.composite
@@ -78,3 +81,28 @@ def test_unpack_rejects_a_buffer_of_the_wrong_size(extra: int) -> None:
     buf = np.concatenate([packed, np.zeros(1, np.uint8)]) if extra > 0 else packed[:-1]
     with pytest.raises(ValueError, match="need 4 bytes"):
         unpack_bits(buf, 4, 8)
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_values_spanning_several_unpacking_chunks_round_trip(bits: int) -> None:
+    count = 2 * UNPACK_CHUNK + 13  # two chunk boundaries and a ragged tail
+    rng = np.random.default_rng(bits)
+    values = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), size=count)
+    np.testing.assert_array_equal(unpack_bits(pack_bits(values, bits), bits, count), values)
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_unpacking_scratch_memory_stays_within_twice_the_output(bits: int) -> None:
+    # The server unpacks untrusted uploads: what unpacking allocates beside its result
+    # must not grow faster than the result itself (it once reached 9x at 12 bits).
+    count = 1 << 20
+    rng = np.random.default_rng(bits)
+    packed = pack_bits(rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), size=count), bits)
+    tracemalloc.start()
+    try:
+        out = unpack_bits(packed, bits, count)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    scratch = peak - (0 if bits == 8 else out.nbytes)  # 8 bits is a zero-copy view
+    assert scratch <= 2 * max(out.nbytes, 1), f"{scratch} bytes of scratch for {out.nbytes}"
