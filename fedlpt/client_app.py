@@ -7,18 +7,22 @@ ConfigRecord; everything else from the run config and this node's ``--node-confi
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
+from logging import WARNING
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
 from . import protocol
 from .config import AppConfig, NodeConfig
 from .data import load_partition
 from .quant import BFP, quantize
+from .quant.entropy import zstd_available
 from .quant.wire import encode_arrays, to_state_dict
 from .task import build_model, make_recipe, resolve_device
 from .task import evaluate as evaluate_model
@@ -79,7 +83,11 @@ def train(msg: Message, context: Context) -> Message:
         state = _delta(state, received, upload, cfg, context, server_round, generator)
     # Weights already sit on the training grid and a delta on the upload grid: encoding
     # them is exact (only buffers, if any, are rounded here).
-    arrays = ArrayRecord(state) if upload is None else encode_arrays(state, upload, generator)
+    arrays = (
+        ArrayRecord(state)
+        if upload is None
+        else encode_arrays(state, upload, generator, compression=_compression(cfg))
+    )
     metrics = MetricRecord(
         {
             protocol.NUM_EXAMPLES: result.num_examples,
@@ -126,6 +134,24 @@ def _limit_threads() -> None:
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     if cpus:
         torch.set_num_threads(max(1, int(cpus)))
+
+
+def _compression(cfg: AppConfig) -> str:
+    """The run's ``compress``, or ``"none"`` (logged) where this node lacks zstandard: the
+    server decodes either, and a bigger upload beats a node that fails every round."""
+    if cfg.compress == "zstd" and not zstd_available():
+        _warn_uncompressed()
+        return "none"
+    return cfg.compress
+
+
+@functools.cache
+def _warn_uncompressed() -> None:
+    log(
+        WARNING,
+        'compress = "zstd", but this node lacks the zstandard library: uploading '
+        'uncompressed (pip install "fedlpt[compress]" to compress)',
+    )
 
 
 def _upload_format(announced: BFP | None, cfg: AppConfig, node: NodeConfig) -> BFP | None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from .data.catalog import DATASET_NAMES, PARTITIONER_NAMES
 from .quant.bfp import ROUNDINGS, check_bits, parse_block
+from .quant.entropy import COMPRESSIONS
 from .strategy.registry import COMMON_PARAMS, STRATEGIES, WEIGHTINGS, strategy_key
 
 STRATEGY_PREFIX = "strategy."
@@ -182,6 +183,12 @@ class AppConfig:
     upload_bits: int = _setting(0, "word length of the upload; 0: `weight-bits`", check=_role_bits)
     upload_feedback: bool = _setting(
         True, "with `delta` uploads, clients carry what rounding dropped into their next upload"
+    )
+    compress: str = _setting(
+        "none",
+        "lossless zstd coding of the packed upload (`none` or `zstd`; needs the `compress` "
+        "extra on the server; a client without it uploads uncompressed)",
+        choices=COMPRESSIONS,
     )
     feedback_max_age: int = _setting(
         0,

@@ -31,6 +31,7 @@ from .checkpoint import Checkpoint, CheckpointError
 from .config import AppConfig, ConfigError
 from .data import DatasetUnavailableError, load_centralized_test
 from .quant import BFP
+from .quant.entropy import zstd_available
 from .results import RunRecorder
 from .strategy.codec import CodecStrategy
 from .strategy.delta import DeltaSync
@@ -136,6 +137,11 @@ def run_server(
     checkpoint included, and ``resume-from`` can continue a run from it.
     """
     cfg = AppConfig.from_run_config(run_config)
+    if cfg.compress == "zstd" and not zstd_available():
+        raise ConfigError(
+            'compress = "zstd" needs the zstandard library on the server: '
+            'pip install "fedlpt[compress]" (or "fedlpt[server]")'
+        )
     strategy = compose_strategy(cfg, build_strategy(cfg.strategy, cfg.strategy_params))
     checkpoint = _checkpoint_to_resume(cfg, run_config)
     device = resolve_device(cfg.device)
