@@ -200,7 +200,7 @@ def _read_npy(record: ArrayRecord, key: str, dtype: str) -> np.ndarray:
         if version != (1, 0):
             raise ValueError(f"npy version {version}")
         with warnings.catch_warnings():  # a forged header's odd escapes: not the log's business
-            warnings.simplefilter("ignore", (DeprecationWarning, SyntaxWarning))
+            warnings.simplefilter("ignore")
             shape, fortran, npy_dtype = npy_format.read_array_header_1_0(stream)
     except Exception as err:  # NumPy's header parser raises tokenize/ast/value errors
         raise PayloadError(f"{key!r} has a malformed .npy header: {err!r}") from None
