@@ -404,6 +404,8 @@ def decode_codes(
     first = 0
     for src, dst in zip(_block_views(codes, layout), _block_views(out, layout), strict=True):
         rows = slice(first, first + src.shape[0])
-        torch.mul(src, down_low[rows], out=dst).mul_(down_high[rows])
+        # Convert in place, then scale in place: a promoting multiply would allocate a
+        # float copy of the codes first (measured: 2.5x a clone instead of about 1x).
+        dst.copy_(src).mul_(down_low[rows]).mul_(down_high[rows])
         first += src.shape[0]
     return out.view(shape)
