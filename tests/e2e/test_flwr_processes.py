@@ -62,6 +62,7 @@ def test_superlink_with_supernodes_accepts_a_heterogeneous_4_bit_device(tmp_path
                 "results-dir": str(results),
                 "strategy.name": "fedprox",
                 "strategy.fedprox.proximal-mu": 0.01,
+                "compress": "zstd",  # the SuperNodes have zstandard: coded where it shrinks
             },
             timeout=600,
         )
@@ -71,5 +72,6 @@ def test_superlink_with_supernodes_accepts_a_heterogeneous_4_bit_device(tmp_path
     assert round1["replies"] == 2 and round1["replies-dropped"] == 0
     bits = report["train-metrics"]["1"]["bits"]
     assert 4 < bits < 8  # example-weighted mean of an 8-bit and a 4-bit node
-    # One 8-bit and one 4-bit upload: (1/4 + 1/8) of two FP32 models, about 0.19.
-    assert 0.15 < round1["bytes-up"] / round1["bytes-down"] < 0.22
+    # One 8-bit and one 4-bit upload: (1/4 + 1/8) of two FP32 models, about 0.19, less
+    # what zstd saves on codes one round away from a uniform initialization (little).
+    assert 0.10 < round1["bytes-up"] / round1["bytes-down"] < 0.22
