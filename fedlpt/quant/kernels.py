@@ -128,7 +128,9 @@ class _Kernel:
 
     The word length and the rounding mode are compiled in (one variant per combination,
     made on first use); shapes, seeds and offsets become dynamic after the first change,
-    so new shapes and seeds do not recompile again.
+    so new shapes and seeds do not recompile again. So is torch's intra-op thread count:
+    Inductor writes it into the C++ it generates (a kernel compiled at 1 thread has no
+    OpenMP loop at all), and nothing would recompile it when the count changes.
     """
 
     def __init__(self, function: Callable[..., Any]) -> None:
@@ -139,15 +141,17 @@ class _Kernel:
     def __call__(self, *args: Any, static: tuple[Any, ...]) -> Any:
         if not self.broken:
             try:
-                variant = self.variants.get(static)
+                key = (*static, torch.get_num_threads())
+                variant = self.variants.get(key)
                 if variant is None:
                     _allow_recompiles()
                     # Automatic dynamism: the first call compiles for its shapes and seed,
                     # the next one that differs recompiles them as symbols, once. The
                     # constants compiled in stay constants (dynamic=True would turn them
                     # into symbols too, which some torch versions cannot shift).
-                    variant = torch.compile(_with_static(self.function, static), fullgraph=True)
-                    self.variants[static] = variant
+                    fixed = _with_static(self.function, static, threads=key[-1])
+                    variant = torch.compile(fixed, fullgraph=True)
+                    self.variants[key] = variant
                 return variant(*args)
             except Exception as err:  # no compiler, an unsupported device or backend
                 self.broken = True
@@ -170,18 +174,21 @@ def _allow_recompiles() -> None:
             setattr(config, name, _RECOMPILE_LIMIT)
 
 
-def _with_static(function: Callable[..., Any], static: tuple[Any, ...]) -> Callable[..., Any]:
+def _with_static(
+    function: Callable[..., Any], static: tuple[Any, ...], threads: int
+) -> Callable[..., Any]:
     """``function`` with its trailing arguments fixed as constants of the compiled code.
 
-    Each variant gets a code object of its own: Dynamo keeps its compiled versions per
-    code object, and would otherwise see the constants change between variants and turn
-    them into symbols.
+    Each variant (constants and thread count) gets a code object of its own: Dynamo keeps
+    its compiled versions per code object, and would otherwise see the constants change
+    between variants and turn them into symbols, or reuse a kernel compiled for another
+    thread count.
     """
 
     def fixed(*args: Any) -> Any:
         return function(*args, *static)
 
-    name = f"{function.__name__}_{'_'.join(map(str, static))}"
+    name = f"{function.__name__}_{'_'.join(map(str, static))}_t{threads}"
     code = fixed.__code__.replace(co_name=name, co_qualname=name)
     return types.FunctionType(code, fixed.__globals__, name, None, fixed.__closure__)
 

@@ -351,3 +351,22 @@ def test_one_bits_check_for_formats_and_configs() -> None:
         check_bits(True)
     with pytest.raises(ValueError, match=r"must be in 2\.\.16, got 32"):
         check_bits(32)
+
+
+@pytest.mark.compiled
+def test_a_new_thread_count_gets_its_own_kernel_with_identical_results() -> None:
+    # Inductor bakes the thread count into the C++ it writes; without its own variant a
+    # kernel compiled at one thread would stay serial after torch.set_num_threads(2).
+    x = torch.randn(64, 500) * 3
+    fmt = BFP(7, "row")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = quantize(x, fmt, seed=11)
+        torch.set_num_threads(2)
+        two = quantize(x, fmt, seed=11)
+    finally:
+        torch.set_num_threads(threads)
+    variants = kernels.round_blocks_kernel.variants
+    assert {(7, True, False, 1), (7, True, False, 2)} <= set(variants)
+    assert torch.equal(one, two)
