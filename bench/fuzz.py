@@ -60,6 +60,7 @@ def fuzz_state() -> dict[str, torch.Tensor]:
     return {
         "conv.weight": torch.randn(8, 3, 3, 3, generator=gen),
         "conv.bias": torch.randn(8, generator=gen),
+        "norm.weight": torch.ones(8),
         "fc.weight": torch.randn(10, 32, generator=gen) * 1e-3,
         "fc.bias": torch.zeros(10),
         "bn.num_batches_tracked": torch.tensor(17),

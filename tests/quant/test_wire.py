@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench.fuzz import base_records, mutated_records
+from bench.fuzz import base_records, fuzz_state, mutated_records
 from fedlpt.quant import BFP, num_blocks, packed_size, quantize
 from fedlpt.quant.wire import (
     EXPONENTS_KEY,
@@ -27,18 +27,7 @@ from fedlpt.strategy.traffic import serialized_size
 
 
 def small_model_state() -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    return {
-        "conv.weight": torch.randn(8, 3, 3, 3, generator=gen),
-        "conv.bias": torch.randn(8, generator=gen),
-        "norm.weight": torch.ones(8),
-        "fc.weight": torch.randn(10, 32, generator=gen) * 1e-3,
-        "fc.bias": torch.zeros(10),
-        "bn.num_batches_tracked": torch.tensor(17),
-        "half": torch.randn(5, 2, generator=gen).half(),
-        "mask": torch.tensor([True, False, True]),
-        "empty": torch.empty(0, 4),
-    }
+    return fuzz_state()  # every kind of tensor the format carries
 
 
 formats = st.builds(
