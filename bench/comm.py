@@ -8,6 +8,9 @@ ServerApp and ClientApps with these configs:
 * ``b8``: 8-bit training, 8-bit weights upload, FP32 downlink (the paper's 8 bit + EMA);
 * ``delta{4,2}_{ef,noef}``: 8-bit training, the clients upload their change to the model
   in 4 or 2 bits, with or without client-side error feedback (``upload-feedback``);
+* ``delta{4,2}_{ef,noef}_row``: the same with ``upload-block = "row"``: one exponent
+  per output channel instead of the paper's per-kernel exponents, which cost 8 bits per
+  3x3 kernel and per classifier weight whatever the word length;
 * ``down8_{ef,noef}``: ``b8`` with an 8-bit downlink, with or without the server's
   error feedback (``downlink-feedback``).
 
@@ -47,6 +50,7 @@ from bench.paper import (
 MB = 1e6  # as fedlpt.results
 TARGET_MARGIN = 1.0  # points below the fp32 run's last-5 accuracy
 _B8 = {"bits": 8, "ema": True}
+_DELTA_ROW = {**_B8, "upload": "delta", "upload-block": "row", "upload-feedback": True}
 CONFIGS: dict[str, dict[str, Any]] = {
     "fp32": {"bits": 32, "ema": True},
     "b8": {**_B8, "upload": "weights"},
@@ -54,6 +58,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "delta4_noef": {**_B8, "upload": "delta", "upload-bits": 4, "upload-feedback": False},
     "delta2_ef": {**_B8, "upload": "delta", "upload-bits": 2, "upload-feedback": True},
     "delta2_noef": {**_B8, "upload": "delta", "upload-bits": 2, "upload-feedback": False},
+    # The same deltas with one exponent per output channel instead of the paper's per
+    # kernel (8 exponent bits per 3x3 kernel and per classifier weight at any word length).
+    "delta4_ef_row": {**_DELTA_ROW, "upload-bits": 4},
+    "delta4_noef_row": {**_DELTA_ROW, "upload-bits": 4, "upload-feedback": False},
+    "delta2_ef_row": {**_DELTA_ROW, "upload-bits": 2},
+    "delta2_noef_row": {**_DELTA_ROW, "upload-bits": 2, "upload-feedback": False},
     "down8_ef": {**_B8, "upload": "weights", "downlink-bits": 8, "downlink-feedback": True},
     "down8_noef": {**_B8, "upload": "weights", "downlink-bits": 8, "downlink-feedback": False},
 }
@@ -64,6 +74,10 @@ LABELS = {
     "delta4_noef": "4-bit delta up, no EF",
     "delta2_ef": "2-bit delta up + EF",
     "delta2_noef": "2-bit delta up, no EF",
+    "delta4_ef_row": "4-bit delta up (row) + EF",
+    "delta4_noef_row": "4-bit delta up (row), no EF",
+    "delta2_ef_row": "2-bit delta up (row) + EF",
+    "delta2_noef_row": "2-bit delta up (row), no EF",
     "down8_ef": "8-bit down + EF",
     "down8_noef": "8-bit down, no EF",
 }
@@ -120,11 +134,14 @@ def figures(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     if "b8" in summary:
         out["acc_down32"] = out["acc_b8"]  # down32 is b8: b8's downlink is FP32
         for bits in (4, 2):
-            delta = summary.get(f"delta{bits}_ef") or summary.get(f"delta{bits}_noef")
-            if delta and summary["b8"]["up_mb"]:
-                out[f"upload_ratio_delta{bits}_vs_b8"] = round(
-                    delta["up_mb"] / summary["b8"]["up_mb"], 4
+            for block in ("", "_row"):
+                delta = summary.get(f"delta{bits}_ef{block}") or summary.get(
+                    f"delta{bits}_noef{block}"
                 )
+                if delta and summary["b8"]["up_mb"]:
+                    out[f"upload_ratio_delta{bits}{block}_vs_b8"] = round(
+                        delta["up_mb"] / summary["b8"]["up_mb"], 4
+                    )
     target = target_accuracy(summary)
     if target is None:
         return out

@@ -92,6 +92,10 @@ def _block(v: str | int) -> str | None:
     return None
 
 
+def _upload_block(v: str | int) -> str | None:
+    return None if v == "" else _block(v)
+
+
 def _decay(v: float) -> str | None:
     return None if 0.0 <= v < 1.0 else "must be in [0, 1)"
 
@@ -181,6 +185,13 @@ class AppConfig:
         choices=UPLOADS,
     )
     upload_bits: int = _setting(0, "word length of the upload; 0: `weight-bits`", check=_role_bits)
+    upload_block: str | int = _setting(
+        "",
+        "exponent sharing of the upload, as `block`; empty: `block`. Delta uploads at 2-4 "
+        "bits want `row`: `kernel` spends 8 exponent bits per conv kernel and per "
+        "classifier weight; weights uploaded in another block than trained are re-rounded",
+        check=_upload_block,
+    )
     upload_feedback: bool = _setting(
         True, "with `delta` uploads, clients carry what rounding dropped into their next upload"
     )
@@ -305,6 +316,11 @@ class AppConfig:
     def block_kind(self) -> str | int:
         """``block`` as the quantizer takes it (a decimal string becomes an int)."""
         return parse_block(self.block)
+
+    @property
+    def upload_block_kind(self) -> str | int:
+        """The upload's block: ``upload-block``, else ``block``."""
+        return parse_block(self.upload_block) if self.upload_block != "" else self.block_kind
 
     def role_bits(self, node: NodeConfig | None = None) -> dict[str, int]:
         """Word length of each of :data:`ROLES` (32: FP32), for ``node`` if given.

@@ -112,7 +112,7 @@ def compose_strategy(cfg: AppConfig, inner: Strategy) -> TrafficMeter:
         strategy = ServerEMA(
             strategy, decay=cfg.ema_decay, start=cfg.ema_start, warmup=cfg.ema_warmup
         )
-    upload = _format(cfg.upload_bits_of(), cfg)
+    upload = _format(cfg.upload_bits_of(), cfg, cfg.upload_block_kind)
     downlink = _format(cfg.downlink_bits, cfg)
     downlink_feedback = downlink is not None and cfg.downlink_feedback
     if cfg.upload == "delta" or downlink_feedback:
@@ -275,8 +275,9 @@ def _missing(
     return missing
 
 
-def _format(bits: int, cfg: AppConfig) -> BFP | None:
-    """The BFP format of ``bits`` with the run's block and rounding; None for FP32."""
+def _format(bits: int, cfg: AppConfig, block: str | int | None = None) -> BFP | None:
+    """The BFP format of ``bits`` with ``block`` (default: the run's) and the run's
+    rounding; None for FP32."""
     if bits == 32:
         return None
-    return BFP(bits, cfg.block_kind, cfg.rounding)  # type: ignore[arg-type]
+    return BFP(bits, cfg.block_kind if block is None else block, cfg.rounding)  # type: ignore[arg-type]

@@ -136,3 +136,20 @@ def test_a_server_without_zstandard_refuses_a_zstd_run_naming_the_extra(monkeypa
     monkeypatch.setattr("fedlpt.server_app.zstd_available", lambda: False)
     with pytest.raises(ConfigError, match=r'pip install "fedlpt\[compress\]"'):
         run([{"partition-id": 0, "num-partitions": 1}], compress="zstd")
+
+
+def test_upload_block_sets_the_uploads_exponent_sharing_apart_from_trainings() -> None:
+    nodes = [
+        {"partition-id": 0, "num-partitions": 2},
+        {"partition-id": 1, "num-partitions": 2, "upload-bits": 4},  # its own bits, same block
+    ]
+    common = {"block": "kernel", "upload": "delta", "upload-bits": 2}
+    kernel, _, kernel_replies = run(nodes, **common)
+    row, _, row_replies = run(nodes, **common, **{"upload-block": "row"})
+    assert row.strategy.dropped(1) == [] and kernel.strategy.dropped(1) == []
+    for node, bits in ((101, 2), (102, 4)):
+        entries = read_manifest(row_replies[node].content["arrays"])
+        assert {(e["bits"], e["block"]) for e in entries} == {(bits, "row")}
+        # Per-kernel exponents cost 8 bits per 3x3 kernel and per classifier weight.
+        row_size = serialized_size(row_replies[node].content)
+        assert row_size < 0.8 * serialized_size(kernel_replies[node].content)
