@@ -51,6 +51,7 @@ MB = 1e6  # as fedlpt.results
 TARGET_MARGIN = 1.0  # points below the fp32 run's last-5 accuracy
 _B8 = {"bits": 8, "ema": True}
 _DELTA_ROW = {**_B8, "upload": "delta", "upload-block": "row", "upload-feedback": True}
+_DOWN_ROW = {"downlink-block": "row", "downlink-feedback": True}
 CONFIGS: dict[str, dict[str, Any]] = {
     "fp32": {"bits": 32, "ema": True},
     "b8": {**_B8, "upload": "weights"},
@@ -64,6 +65,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "delta4_noef_row": {**_DELTA_ROW, "upload-bits": 4, "upload-feedback": False},
     "delta2_ef_row": {**_DELTA_ROW, "upload-bits": 2},
     "delta2_noef_row": {**_DELTA_ROW, "upload-bits": 2, "upload-feedback": False},
+    # Nearest rounding is biased (small changes round to 0 every round): error feedback's case.
+    "delta2_ef_row_nearest": {**_DELTA_ROW, "upload-bits": 2, "upload-rounding": "nearest"},
+    "delta2_noef_row_nearest": {
+        **_DELTA_ROW,
+        "upload-bits": 2,
+        "upload-rounding": "nearest",
+        "upload-feedback": False,
+    },
+    # Both directions compressed: 2-bit row deltas up, an 8- or 4-bit row-block model down.
+    "delta2_ef_row_down8": {**_DELTA_ROW, "upload-bits": 2, **_DOWN_ROW, "downlink-bits": 8},
+    "delta2_ef_row_down4": {**_DELTA_ROW, "upload-bits": 2, **_DOWN_ROW, "downlink-bits": 4},
     "down8_ef": {**_B8, "upload": "weights", "downlink-bits": 8, "downlink-feedback": True},
     "down8_noef": {**_B8, "upload": "weights", "downlink-bits": 8, "downlink-feedback": False},
 }
@@ -78,6 +90,10 @@ LABELS = {
     "delta4_noef_row": "4-bit delta up (row), no EF",
     "delta2_ef_row": "2-bit delta up (row) + EF",
     "delta2_noef_row": "2-bit delta up (row), no EF",
+    "delta2_ef_row_nearest": "2-bit delta up (row, nearest) + EF",
+    "delta2_noef_row_nearest": "2-bit delta up (row, nearest), no EF",
+    "delta2_ef_row_down8": "2-bit delta up (row) + EF, 8-bit down (row) + EF",
+    "delta2_ef_row_down4": "2-bit delta up (row) + EF, 4-bit down (row) + EF",
     "down8_ef": "8-bit down + EF",
     "down8_noef": "8-bit down, no EF",
 }

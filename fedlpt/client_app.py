@@ -162,7 +162,7 @@ def _upload_format(announced: BFP | None, cfg: AppConfig, node: NodeConfig) -> B
     if bits == 32:
         return None
     if announced is None:
-        return BFP(bits, cfg.upload_block_kind, cfg.rounding)  # type: ignore[arg-type]
+        return BFP(bits, cfg.upload_block_kind, cfg.upload_rounding_kind)  # type: ignore[arg-type]
     return BFP(bits, announced.block, announced.rounding)
 
 

@@ -92,8 +92,14 @@ def _block(v: str | int) -> str | None:
     return None
 
 
-def _upload_block(v: str | int) -> str | None:
+def _block_or_empty(v: str | int) -> str | None:
     return None if v == "" else _block(v)
+
+
+def _rounding_or_empty(v: str) -> str | None:
+    if v == "" or v in ROUNDINGS:
+        return None
+    return f"must be one of {list(ROUNDINGS)}, or empty for `rounding`"
 
 
 def _decay(v: float) -> str | None:
@@ -190,7 +196,14 @@ class AppConfig:
         "exponent sharing of the upload, as `block`; empty: `block`. Delta uploads at 2-4 "
         "bits want `row`: `kernel` spends 8 exponent bits per conv kernel and per "
         "classifier weight; weights uploaded in another block than trained are re-rounded",
-        check=_upload_block,
+        check=_block_or_empty,
+    )
+    upload_rounding: str = _setting(
+        "",
+        "rounding of the upload: `stochastic` or `nearest`; empty: `rounding`. Nearest "
+        "rounding of a delta is biased (small changes round to 0 every round): keep "
+        "`upload-feedback` on with it",
+        check=_rounding_or_empty,
     )
     upload_feedback: bool = _setting(
         True, "with `delta` uploads, clients carry what rounding dropped into their next upload"
@@ -208,6 +221,11 @@ class AppConfig:
     )
     downlink_bits: int = _setting(
         32, "bits of the global model sent to the clients; 32: FP32", check=_bits
+    )
+    downlink_block: str | int = _setting(
+        "",
+        "exponent sharing of a quantized downlink, as `block`; empty: `block`",
+        check=_block_or_empty,
     )
     downlink_feedback: bool = _setting(
         True,
@@ -321,6 +339,16 @@ class AppConfig:
     def upload_block_kind(self) -> str | int:
         """The upload's block: ``upload-block``, else ``block``."""
         return parse_block(self.upload_block) if self.upload_block != "" else self.block_kind
+
+    @property
+    def upload_rounding_kind(self) -> str:
+        """The upload's rounding: ``upload-rounding``, else ``rounding``."""
+        return self.upload_rounding or self.rounding
+
+    @property
+    def downlink_block_kind(self) -> str | int:
+        """The quantized downlink's block: ``downlink-block``, else ``block``."""
+        return parse_block(self.downlink_block) if self.downlink_block != "" else self.block_kind
 
     def role_bits(self, node: NodeConfig | None = None) -> dict[str, int]:
         """Word length of each of :data:`ROLES` (32: FP32), for ``node`` if given.

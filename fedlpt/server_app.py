@@ -112,8 +112,8 @@ def compose_strategy(cfg: AppConfig, inner: Strategy) -> TrafficMeter:
         strategy = ServerEMA(
             strategy, decay=cfg.ema_decay, start=cfg.ema_start, warmup=cfg.ema_warmup
         )
-    upload = _format(cfg.upload_bits_of(), cfg, cfg.upload_block_kind)
-    downlink = _format(cfg.downlink_bits, cfg)
+    upload = _format(cfg.upload_bits_of(), cfg.upload_block_kind, cfg.upload_rounding_kind)
+    downlink = _format(cfg.downlink_bits, cfg.downlink_block_kind, cfg.rounding)
     downlink_feedback = downlink is not None and cfg.downlink_feedback
     if cfg.upload == "delta" or downlink_feedback:
         strategy = DeltaSync(
@@ -275,9 +275,8 @@ def _missing(
     return missing
 
 
-def _format(bits: int, cfg: AppConfig, block: str | int | None = None) -> BFP | None:
-    """The BFP format of ``bits`` with ``block`` (default: the run's) and the run's
-    rounding; None for FP32."""
+def _format(bits: int, block: str | int, rounding: str) -> BFP | None:
+    """The BFP format of ``bits``, ``block`` and ``rounding``; None for FP32."""
     if bits == 32:
         return None
-    return BFP(bits, cfg.block_kind if block is None else block, cfg.rounding)  # type: ignore[arg-type]
+    return BFP(bits, block, rounding)  # type: ignore[arg-type]
