@@ -1,13 +1,15 @@
 """The ClientApp through an in-process grid: what it reads, what it replies, its node config."""
 
 import pytest
+import torch
 from flwr.app import Message
 
 from fedlpt import protocol
 from fedlpt.client_app import app as client_app
 from fedlpt.config import ConfigError, default_run_config
 from fedlpt.inprocess import LocalGrid
-from fedlpt.quant.wire import read_manifest
+from fedlpt.quant import BFP, quantize
+from fedlpt.quant.wire import decode_arrays, read_manifest
 from fedlpt.server_app import run_server
 from fedlpt.strategy.traffic import serialized_size
 
@@ -153,3 +155,32 @@ def test_upload_block_sets_the_uploads_exponent_sharing_apart_from_trainings() -
         # Per-kernel exponents cost 8 bits per 3x3 kernel and per classifier weight.
         row_size = serialized_size(row_replies[node].content)
         assert row_size < 0.8 * serialized_size(kernel_replies[node].content)
+
+
+def test_nearest_rounded_delta_uploads_drop_at_most_what_nearest_rounding_drops() -> None:
+    nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+    overrides = {"upload": "delta", "upload-bits": 2, "upload-block": "row"}
+    outcome, grid, replies = run(nodes, **overrides, **{"upload-rounding": "nearest"})
+    assert outcome.strategy.dropped(1) == []
+    assert grid.delivered[0].content["config"][protocol.UPLOAD_PREFIX + "rounding"] == "nearest"
+    nearest = BFP(2, "row", "nearest")
+    for node in (101, 102):
+        sent = decode_arrays(replies[node].content["arrays"])
+        residual = grid.contexts[node].state["fedlpt.residual"].to_torch_state_dict()
+        # delta = sent + residual, and nearest rounding of the delta gives back what was sent:
+        # with stochastic rounding some values would have gone to the other grid point.
+        for name, values in sent.items():
+            assert torch.equal(quantize(values + residual[name], nearest), values), name
+        assert any(v.count_nonzero() < v.numel() for v in sent.values())  # small changes: 0
+
+
+def test_downlink_block_sets_the_downlinks_exponent_sharing_apart_from_trainings() -> None:
+    nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+    common = {"block": "kernel", "downlink-bits": 8, "downlink-feedback": False}
+    _, kernel, _ = run(nodes, **common)
+    _, row, _ = run(nodes, **common, **{"downlink-block": "row"})
+    for grid, block in ((kernel, "kernel"), (row, "row")):
+        entries = read_manifest(grid.delivered[0].content["arrays"])
+        assert {(e["bits"], e["block"]) for e in entries} == {(8, block)}
+    sizes = [serialized_size(g.delivered[0].content) for g in (row, kernel)]
+    assert sizes[0] < 0.9 * sizes[1]

@@ -87,6 +87,8 @@ def test_strategy_parameters_come_from_the_chosen_strategys_table() -> None:
         ({"momentum": -3.0}, "momentum = -3.0 must be a finite number >= 0"),
         ({"device": "tpu"}, "device = 'tpu' must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
         ({"partitioner": "shards"}, "partitioner = 'shards' must be one of"),
+        ({"upload-rounding": "floor"}, "upload-rounding = 'floor' must be one of"),
+        ({"downlink-block": "channel"}, "downlink-block = 'channel' must be 'tensor', 'row'"),
     ],
 )
 def test_bad_values_raise_config_errors_naming_the_key(override: dict, match: str) -> None:
@@ -98,6 +100,15 @@ def test_ints_are_accepted_where_floats_are_expected_and_blocks_as_ints() -> Non
     cfg = parse(**{"learning-rate": 1, "block": 32})
     assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
     assert cfg.block_kind == 32 and parse(block="32").block_kind == 32
+
+
+def test_the_uploads_and_downlinks_format_default_to_trainings() -> None:
+    cfg = parse(block="kernel", rounding="nearest")
+    assert (cfg.upload_block_kind, cfg.upload_rounding_kind) == ("kernel", "nearest")
+    assert cfg.downlink_block_kind == "kernel"
+    cfg = parse(**{"upload-block": 16, "upload-rounding": "nearest", "downlink-block": "row"})
+    assert (cfg.upload_block_kind, cfg.upload_rounding_kind) == (16, "nearest")
+    assert (cfg.block_kind, cfg.rounding, cfg.downlink_block_kind) == ("row", "stochastic", "row")
 
 
 def test_the_old_lr_key_is_a_deprecated_alias() -> None:
