@@ -11,6 +11,7 @@ from fedlpt.inprocess import LocalGrid
 from fedlpt.quant import BFP, quantize
 from fedlpt.quant.wire import decode_arrays, read_manifest
 from fedlpt.server_app import run_server
+from fedlpt.strategy.delta import DeltaSync
 from fedlpt.strategy.traffic import serialized_size
 
 FAST = {"model": "mlp", "num-server-rounds": 1, "batch-size": 64}
@@ -90,6 +91,14 @@ def test_delta_uploads_with_feedback_and_a_tracked_downlink() -> None:
     )
     residual = state["fedlpt.residual"].to_torch_state_dict()
     assert all(v.abs().max() > 0 for v in residual.values())  # rounding dropped something
+    # The node decoded exactly the copy the server keeps for it (full model, then difference).
+    sync = outcome.strategy
+    while not isinstance(sync, DeltaSync):
+        sync = sync.inner
+    held = state["fedlpt.model"].to_torch_state_dict()
+    assert sync.copies[101][0] == 2
+    assert all(torch.equal(held[k], v) for k, v in sync.copies[101][1].items())
+    assert {e["bits"] for e in read_manifest(grid.delivered[0].content["arrays"])} == {8}
 
 
 def test_a_node_without_the_copy_the_server_assumes_says_so_and_gets_the_full_model() -> None:

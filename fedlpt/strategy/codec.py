@@ -21,7 +21,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
-from .. import protocol
 from ..protocol import write_upload_format
 from ..quant import BFP
 from ..quant.wire import PayloadError, encode_arrays, is_encoded, read_manifest, to_state_dict
@@ -172,8 +171,9 @@ class CodecStrategy(StrategyWrapper):
     ) -> list[Message]:
         """Encode each message's model in the downlink format, once per distinct record.
 
-        A message marked as carrying a node's full model (see :mod:`fedlpt.protocol`)
-        stays FP32: it becomes that node's exact copy.
+        What :class:`~fedlpt.strategy.delta.DeltaSync` sends (a node's full model or its
+        difference) is already on this format's grid, so it encodes exactly: the node
+        decodes the very copy the server keeps for it.
         """
         messages = list(messages)
         if self.downlink is None:
@@ -186,9 +186,6 @@ class CodecStrategy(StrategyWrapper):
             if id(content) in done or self.arrayrecord_key not in content.array_records:
                 continue
             done.add(id(content))
-            config = content.config_records.get(protocol.CONFIG_RECORD, {})
-            if config.get(protocol.DOWNLINK_BASE) == protocol.FULL_MODEL:
-                continue
             record = content[self.arrayrecord_key]
             if id(record) not in encoded:
                 encoded[id(record)] = encode_arrays(_tensors(record), self.downlink, generator)

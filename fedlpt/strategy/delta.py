@@ -10,7 +10,9 @@
   the copy as the node will have it, so the node's copy tracks the FP32 model within one
   rounding of a small difference instead of drifting by one rounding of the whole model
   per round. A node the server holds no copy for (new, or one whose last round failed or
-  timed out) gets the full model in FP32, which becomes its copy.
+  timed out) gets the full model in the downlink format, which becomes its copy: at 8
+  bits a quarter of an FP32 model, and every copy starts where the rounding left it,
+  which the differences that follow then correct.
 
 A copy is committed when the node's reply arrives; a node that did not answer may or may
 not have applied the message, so it is sent a full model next time.
@@ -53,6 +55,7 @@ class DeltaSync(StrategyWrapper):
         self.copies: dict[int, tuple[int, Model]] = {}  # node -> (round, its model copy)
         self._pending: dict[int, tuple[int, Model]] = {}
         self._sent: Model = {}
+        self._full: ArrayRecord | None = None  # this round's full model, rounded once
 
     def summary(self) -> None:
         """Log what travels as differences, then the inner chain."""
@@ -69,6 +72,7 @@ class DeltaSync(StrategyWrapper):
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self._sent = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
         self._pending = {}
+        self._full = None
         if self.downlink is None:
             return messages
         generator = torch.Generator().manual_seed(server_round)
@@ -88,8 +92,12 @@ class DeltaSync(StrategyWrapper):
         """``(base round, arrays)`` for ``node``; remembers the copy it will then hold."""
         assert self.downlink is not None
         if node not in self.copies:
-            self._pending[node] = (server_round, {k: v.clone() for k, v in self._sent.items()})
-            return protocol.FULL_MODEL, ArrayRecord(self._sent)
+            if self._full is None:  # one record for every new node: the codec encodes it once
+                self._full = ArrayRecord(
+                    {k: _rounded(v, self.downlink, generator) for k, v in self._sent.items()}
+                )
+            self._pending[node] = (server_round, self._full.to_torch_state_dict())
+            return protocol.FULL_MODEL, self._full
         base_round, copy = self.copies[node]
         difference, new_copy = {}, {}
         for name, target in self._sent.items():
@@ -136,6 +144,11 @@ class DeltaSync(StrategyWrapper):
         """Restore each node's copy and the inner chain's state."""
         self.copies = {int(n): (c["round"], c["model"]) for n, c in state["copies"].items()}
         super().load_state_dict(state)
+
+
+def _rounded(tensor: Tensor, fmt: BFP, generator: torch.Generator) -> Tensor:
+    """``tensor`` on the grid of ``fmt`` if floating; counters as they are."""
+    return quantize(tensor, fmt, generator) if tensor.is_floating_point() else tensor.clone()
 
 
 def _rebuilt(base: Model, delta: Model) -> Model:

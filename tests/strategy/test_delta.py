@@ -45,14 +45,18 @@ def test_a_node_gets_the_full_model_first_then_differences_to_its_copy() -> None
     first = small_model(0)
     sent = send(sync, 1, first)
     assert {base for base, _ in sent.values()} == {protocol.FULL_MODEL}
-    assert all(torch.equal(arrays["w"], first["w"]) for _, arrays in sent.values())
+    full = sent[101][1]["w"]  # one rounding for every new node, in the downlink format
+    assert torch.equal(full, quantize(full, DOWN)) and not torch.equal(full, first["w"])
+    assert all(torch.equal(arrays["w"], full) for _, arrays in sent.values())
+    assert all(torch.equal(sync._pending[n][1]["w"], full) for n in NODES)
+    held = sent[101][1]
     answer(sync, 1)
     second = {k: v + 0.01 for k, v in first.items()}
     sent = send(sync, 2, second)
     for node, (base, difference) in sent.items():
         assert base == 1
         assert torch.equal(difference["w"], quantize(difference["w"], DOWN))  # on the grid
-        copy = {k: first[k] + difference[k] for k in first}
+        copy = {k: held[k] + difference[k] for k in held}
         assert torch.equal(copy["w"], sync._pending[node][1]["w"])
 
 
