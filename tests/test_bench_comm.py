@@ -7,6 +7,7 @@ import random
 import pytest
 
 from bench.comm import CONFIGS, figures, mb_to_target, summarize, table_rows
+from fedlpt.config import AppConfig, default_run_config
 
 
 def test_mb_to_target_is_the_first_trained_round_that_reaches_it() -> None:
@@ -101,3 +102,11 @@ def test_configs_set_what_the_names_say() -> None:
             down = CONFIGS[f"down8_{suffix}"]
             assert (down["downlink-bits"], down["downlink-feedback"]) == (8, feedback)
     assert "downlink-bits" not in CONFIGS["b8"]  # b8 is down32: an FP32 downlink
+    for name, config in CONFIGS.items():
+        AppConfig.from_run_config({**default_run_config(), **config})  # every key checks out
+        assert ("_row" in name) == (config.get("upload-block") == "row"), name
+        assert ("nearest" in name) == (config.get("upload-rounding") == "nearest"), name
+        for bits in (8, 4):
+            if name.endswith(f"_down{bits}"):
+                assert (config["downlink-bits"], config["downlink-block"]) == (bits, "row")
+                assert config["downlink-feedback"] and config["upload-bits"] == 2
