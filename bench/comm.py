@@ -11,6 +11,11 @@ ServerApp and ClientApps with these configs:
 * ``delta{4,2}_{ef,noef}_row``: the same with ``upload-block = "row"``: one exponent
   per output channel instead of the paper's per-kernel exponents, which cost 8 bits per
   3x3 kernel and per classifier weight whatever the word length;
+* ``delta2_{ef,noef}_tensor``: 2-bit deltas with one exponent per tensor;
+* ``delta2_{ef,noef}_row_nearest``: 2-bit row deltas rounded to nearest (biased: a small
+  change rounds to 0 every round unless fed back);
+* ``delta2_ef_row_down{8,4}``: 2-bit row deltas up and an 8- or 4-bit row-block downlink
+  with the server's error feedback;
 * ``down8_{ef,noef}``: ``b8`` with an 8-bit downlink, with or without the server's
   error feedback (``downlink-feedback``).
 
@@ -65,6 +70,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "delta4_noef_row": {**_DELTA_ROW, "upload-bits": 4, "upload-feedback": False},
     "delta2_ef_row": {**_DELTA_ROW, "upload-bits": 2},
     "delta2_noef_row": {**_DELTA_ROW, "upload-bits": 2, "upload-feedback": False},
+    # One exponent per tensor: a row of small changes rounds to 0 unless fed back.
+    "delta2_ef_tensor": {**_DELTA_ROW, "upload-bits": 2, "upload-block": "tensor"},
+    "delta2_noef_tensor": {
+        **_DELTA_ROW,
+        "upload-bits": 2,
+        "upload-block": "tensor",
+        "upload-feedback": False,
+    },
     # Nearest rounding is biased (small changes round to 0 every round): error feedback's case.
     "delta2_ef_row_nearest": {**_DELTA_ROW, "upload-bits": 2, "upload-rounding": "nearest"},
     "delta2_noef_row_nearest": {
@@ -90,6 +103,8 @@ LABELS = {
     "delta4_noef_row": "4-bit delta up (row), no EF",
     "delta2_ef_row": "2-bit delta up (row) + EF",
     "delta2_noef_row": "2-bit delta up (row), no EF",
+    "delta2_ef_tensor": "2-bit delta up (tensor) + EF",
+    "delta2_noef_tensor": "2-bit delta up (tensor), no EF",
     "delta2_ef_row_nearest": "2-bit delta up (row, nearest) + EF",
     "delta2_noef_row_nearest": "2-bit delta up (row, nearest), no EF",
     "delta2_ef_row_down8": "2-bit delta up (row) + EF, 8-bit down (row) + EF",
@@ -150,7 +165,7 @@ def figures(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     if "b8" in summary:
         out["acc_down32"] = out["acc_b8"]  # down32 is b8: b8's downlink is FP32
         for bits in (4, 2):
-            for block in ("", "_row"):
+            for block in ("", "_row", "_tensor"):
                 delta = summary.get(f"delta{bits}_ef{block}") or summary.get(
                     f"delta{bits}_noef{block}"
                 )

@@ -105,6 +105,7 @@ def test_configs_set_what_the_names_say() -> None:
     for name, config in CONFIGS.items():
         AppConfig.from_run_config({**default_run_config(), **config})  # every key checks out
         assert ("_row" in name) == (config.get("upload-block") == "row"), name
+        assert ("_tensor" in name) == (config.get("upload-block") == "tensor"), name
         assert ("nearest" in name) == (config.get("upload-rounding") == "nearest"), name
         for bits in (8, 4):
             if name.endswith(f"_down{bits}"):
