@@ -4,7 +4,10 @@ Ratios divide the bytes Flower transfers for ``RecordDict({"arrays": record})`` 
 ConvNet's FP32 state dict by the same for the bit-packed record, first for the freshly
 initialized ConvNet, then, with and without zstd coding of the codes, for the ConvNet
 after one epoch of 8-bit training on Fashion-MNIST (``--quick``: an epoch of 6,000
-images), where the codes are far from uniform. Speeds time one FP32
+images), where the codes are far from uniform; then the change one more epoch of 6,000
+images makes to that model, as a 2-bit row-block delta upload (what ``bench.comm``'s
+clients send): the share of entries it sends as 0, stochastic and nearest rounding, and
+its size with and without zstd. Speeds time one FP32
 [1000, 10000] tensor (8-bit BFP, one exponent per row) against ``torch.clone`` of the same
 tensor in the same run, median of repeats. A plain chain of torch ops implementing the
 same quantizer (the research code's way) is timed beside it for scale.
@@ -41,21 +44,59 @@ def torch_op_chain(x: torch.Tensor, bits: int, stochastic: bool) -> torch.Tensor
     return rounded.clamp(-limit, limit).to(torch.int8)
 
 
-def trained_convnet(examples: int | None) -> dict[str, torch.Tensor]:
+DELTA_EXAMPLES = 6000  # bench.comm's clients hold 6,000 images each on average
+
+
+def trained_convnet(
+    examples: int | None,
+    start: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    shuffle_seed: int | None = None,
+) -> dict[str, torch.Tensor]:
     """The ConvNet's state after one epoch of 8-bit training on Fashion-MNIST (train
-    split, ``examples`` of it when given)."""
+    split, ``examples`` of it when given, in order or shuffled by ``shuffle_seed``;
+    rounding seeded by ``seed``), from ``start`` if given."""
     loader, _ = load_partition(
         "fmnist", 0, 1, alpha=1.0, seed=0, batch_size=32, partitioner="iid",
-        max_examples=examples,
+        max_examples=examples, shuffle_seed=shuffle_seed,
     )  # fmt: skip
     model = ConvNet(in_channels=1, num_classes=10, image_size=28)
+    if start is not None:
+        model.load_state_dict(start)
     recipe = make_recipe(
         {"weight": 8, "activation": 8, "error": 8, "gradient": 8},
         block="row",
         rounding="stochastic",
     )
-    train(model, loader, recipe=recipe, epochs=1, seed=0)
+    train(model, loader, recipe=recipe, epochs=1, seed=seed)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def delta_coding(trained: dict[str, torch.Tensor]) -> tuple[list, dict]:
+    """What a client's round sends as a 2-bit row delta: the change one more epoch of
+    DELTA_EXAMPLES images (a client's share in bench.comm) makes to ``trained``, rounded
+    stochastically and to nearest: the share of entries sent as 0, and the record's size
+    with and without zstd."""
+    after = trained_convnet(DELTA_EXAMPLES, start=trained, seed=1, shuffle_seed=1)
+    delta = {k: after[k] - v if v.is_floating_point() else v for k, v in trained.items()}
+    fp32_bytes = serialized_size(ArrayRecord(delta))
+    rows, figures = [], {}
+    for rounding in ("stochastic", "nearest"):
+        fmt = BFP(2, "row", rounding)
+        plain = encode_arrays(delta, fmt, torch.Generator().manual_seed(0))
+        sent = [v for v in decode_arrays(plain).values() if v.is_floating_point()]
+        zeros = sum(int((v == 0).sum()) for v in sent) / sum(v.numel() for v in sent)
+        rows.append([f"2-bit row delta, {rounding}: share sent as 0", "", zeros])
+        figures[f"delta2_zero_share_{rounding}"] = round(zeros, 4)
+        for compression in ("none", "zstd"):
+            record = encode_arrays(
+                delta, fmt, torch.Generator().manual_seed(0), compression=compression
+            )
+            ratio = fp32_bytes / serialized_size(record)
+            size = serialized_size(record)
+            rows.append([f"2-bit row delta, {rounding}, {compression}", size, ratio])
+            figures[f"ratio_delta2_{rounding}_{compression}"] = round(ratio, 3)
+    return rows, figures
 
 
 def entropy_coding(state: dict[str, torch.Tensor], repeats: int) -> tuple[list, dict]:
@@ -131,6 +172,14 @@ def main() -> None:
         trained_rows, trained_figures = entropy_coding(trained, repeats)
         print_table(["payload", "bytes", "FP32/payload"], trained_rows)
         figures.update(trained_figures)
+        print()
+        print(
+            f"The change one more epoch of {DELTA_EXAMPLES:,} images makes to it, as a 2-bit "
+            "row-block delta upload"
+        )
+        delta_rows, delta_figures = delta_coding(trained)
+        print_table(["payload", "bytes", "FP32/payload or share"], delta_rows)
+        figures.update(delta_figures)
         print()
 
     x = torch.randn(1000, 10000)
