@@ -4,10 +4,12 @@
    stochastic 8-bit quantize of a 128-element tensor (the per-call cost that dominates a
    model's small tensors), and every parameter of the paper's ConvNet quantized once
    (``quantize_tensors``), each against the same math written as a plain chain of torch
-   ops, timed interleaved in the same run; and the first call's compile time.
+   ops, timed interleaved in the same run (the per-call pair apart from the whole-model
+   pair, so that a 128-value call is not always timed right after a model's worth of
+   memory traffic); and the first call's compile time.
 2. **Training step**: one full step (zero_grad, forward, backward, optimizer step) of
    the 28x28 ConvNet (batch 32, Adam) and of the 8x8 digits ConvNet, 8-bit recipe against
-   FP32, each built by ``fedlpt.task.LocalTrainer``, interleaved (the order rotated every
+   FP32, each built by ``fedlpt.task.LocalTrainer``, interleaved (the order shuffled every
    round, after a warm-up), at 1 and 2 torch threads on the CPU and on CUDA when present.
 3. **Accuracy** on digits (8x8 ConvNet) after training on the whole train pool for a
    fixed number of epochs: FP32 and 8-, 6- and 4-bit recipes (row blocks) and 8-bit
@@ -21,6 +23,7 @@ Upload sizes are measured by ``bench.codec``.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -58,16 +61,23 @@ def torch_chain(x: torch.Tensor, bits: int, block_rows: bool) -> torch.Tensor:
 
 
 def interleaved(functions: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]):
-    """Median seconds of each function, timed in turns (order rotated) after a warm-up."""
+    """Median seconds of each function, timed in turns after a warm-up.
+
+    The order is shuffled every round (seeded): a function's time depends on what ran
+    just before it (caches, allocator), and a rotated fixed order would always give each
+    function the same predecessor.
+    """
     names = list(functions)
+    order = random.Random(0)
     for _ in range(3):
         for name in names:
             functions[name]()
     sync()
     times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        shift = i % len(names)
-        for name in names[shift:] + names[:shift]:
+    for _ in range(repeats):
+        turn = names[:]
+        order.shuffle(turn)
+        for name in turn:
             start = time.perf_counter()
             functions[name]()
             sync()
@@ -88,16 +98,23 @@ def quantizer_costs(device: torch.device, repeats: int) -> dict[str, float]:
     quantize_tensors(params, fmt, generator)
     sync()
     compile_s = time.perf_counter() - start
-    medians, _ = interleaved(
+    small_medians, _ = interleaved(
         {
             "small": lambda: quantize(small, fmt, generator, check=False),
             "small_chain": lambda: torch_chain(small, 8, True),
+        },
+        repeats,
+        sync,
+    )
+    model_medians, _ = interleaved(
+        {
             "model": lambda: quantize_tensors(params, fmt, generator, check=False),
             "model_chain": lambda: [torch_chain(p, 8, True) for p in params],
         },
         repeats,
         sync,
     )
+    medians = small_medians | model_medians
     return {
         "quantize_small_us": medians["small"] * 1e6,
         "quantize_small_chain_us": medians["small_chain"] * 1e6,

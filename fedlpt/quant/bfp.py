@@ -24,6 +24,7 @@ on the device or on how tensors are batched. The rounding itself is one kernel
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
@@ -36,6 +37,7 @@ from .kernels import (
     EXPONENT_MAX,
     EXPONENT_MIN,
     power_of_two,
+    round_block_list_inplace_kernel,
     round_block_list_kernel,
     round_blocks_kernel,
 )
@@ -49,6 +51,7 @@ FP32_BITS = 32  # where a config accepts FP32, it is spelled as this bit width
 BLOCK_NAMES = ("tensor", "row", "kernel")
 ROUNDINGS = ("nearest", "stochastic")
 _SEED_BITS = 31  # seeds are non-negative int32 values
+_SEED_DRAW = threading.local()  # one reused scalar per thread for CPU seed draws
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,8 @@ def _block_views(flat: Tensor, layout: list[tuple[int, int]]) -> list[Tensor]:
 def _as_float32_flat(x: Tensor) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype == torch.float32 and x.is_contiguous():
+        return x.detach().view(-1)  # the common case, without two more dispatches
     if not x.is_floating_point():
         raise TypeError(f"BFP quantizes floating tensors, got dtype {x.dtype}")
     return x.detach().to(torch.float32).contiguous().view(-1)
@@ -205,13 +210,18 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
     seed never waits for the device.
     """
     generator = torch.default_generator if generator is None else generator
-    if generator.device.type != "cpu":
-        try:
-            offset = generator.get_offset()
-            generator.set_offset(offset + 4)
-            return stream_seed(generator.initial_seed(), offset)
-        except (AttributeError, RuntimeError):
-            pass  # a generator without offsets: draw on its device
+    if generator.device.type == "cpu":
+        # The same draw as torch.randint(0, 2**31, (1,)), into a reused scalar: half the cost.
+        draw = getattr(_SEED_DRAW, "tensor", None)
+        if draw is None:
+            draw = _SEED_DRAW.tensor = torch.empty((), dtype=torch.int64)
+        return int(draw.random_(0, 1 << _SEED_BITS, generator=generator))
+    try:
+        offset = generator.get_offset()
+        generator.set_offset(offset + 4)
+        return stream_seed(generator.initial_seed(), offset)
+    except (AttributeError, RuntimeError):
+        pass  # a generator without offsets: draw on its device
     draw = torch.randint(0, 1 << _SEED_BITS, (1,), generator=generator, device=generator.device)
     return int(draw.item())
 
@@ -296,6 +306,26 @@ def quantize_(
         return x.copy_(quantize(x, fmt, generator, seed=seed, check=check))
 
 
+def _batched_blocks(
+    tensors: Sequence[Tensor], flats: Sequence[Tensor], fmt: BFP, base: int
+) -> tuple[list[Tensor], list[int], list[int], list[int]]:
+    """Block views of every flat tensor with their seeds, offsets and owners' indices.
+
+    Tensor ``i`` uses the stream ``stream_seed(base, i)``; its views count their
+    offsets from its first element.
+    """
+    views, seeds, offsets, owners = [], [], [], []
+    for index, (tensor, flat) in enumerate(zip(tensors, flats, strict=True)):
+        seed, offset = stream_seed(base, index), 0
+        for view in _block_views(flat, block_layout(tuple(tensor.shape), fmt.block)):
+            views.append(view)
+            seeds.append(seed)
+            offsets.append(offset)
+            owners.append(index)
+            offset += view.numel()
+    return views, seeds, offsets, owners
+
+
 def quantize_tensors(
     tensors: Sequence[Tensor],
     fmt: BFP,
@@ -311,15 +341,7 @@ def quantize_tensors(
     """
     base = draw_seed(generator)
     flats = [_as_float32_flat(t) for t in tensors]
-    views, seeds, offsets, owners = [], [], [], []
-    for index, (tensor, flat) in enumerate(zip(tensors, flats, strict=True)):
-        offset = 0
-        for view in _block_views(flat, block_layout(tuple(tensor.shape), fmt.block)):
-            views.append(view)
-            seeds.append(stream_seed(base, index))
-            offsets.append(offset)
-            owners.append(index)
-            offset += view.numel()
+    views, seeds, offsets, owners = _batched_blocks(tensors, flats, fmt, base)
     stochastic = fmt.rounding == "stochastic"
     if views:
         rounded, finite = round_block_list_kernel(
@@ -346,12 +368,39 @@ def quantize_tensors_(
     *,
     check: bool = True,
 ) -> None:
-    """In-place :func:`quantize_tensors`."""
+    """In-place :func:`quantize_tensors` (the same draws, the same results).
+
+    Unchecked (``check=False``, the training hot path), float32 tensors that are
+    contiguous and share no memory are rounded where they lie: compiled, straight into
+    their memory, with nothing allocated or copied back. Anything else goes through
+    :func:`quantize_tensors` and is copied back.
+    """
     if not tensors:
         return
-    rounded = quantize_tensors(tensors, fmt, generator, check=check)
-    with torch.no_grad():
-        torch._foreach_copy_(list(tensors), rounded)
+    if check or not _writable_in_place(tensors):
+        rounded = quantize_tensors(tensors, fmt, generator, check=check)
+        with torch.no_grad():
+            torch._foreach_copy_(list(tensors), rounded)
+        return
+    base = draw_seed(generator)
+    flats = [t.detach().view(-1) for t in tensors]
+    views, seeds, offsets, _ = _batched_blocks(tensors, flats, fmt, base)
+    if views:
+        round_block_list_inplace_kernel(
+            views, seeds, offsets, static=(fmt.bits, fmt.rounding == "stochastic")
+        )
+
+
+def _writable_in_place(tensors: Sequence[Tensor]) -> bool:
+    """Whether every tensor is float32, contiguous and alone on its storage among them."""
+    storages = set()
+    for tensor in tensors:
+        if not isinstance(tensor, Tensor) or tensor.dtype != torch.float32:
+            return False
+        if not tensor.is_contiguous():
+            return False
+        storages.add(tensor.untyped_storage().data_ptr())
+    return len(storages) == len(tensors)
 
 
 def encode_codes(

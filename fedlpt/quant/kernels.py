@@ -123,6 +123,29 @@ def round_block_list(
     return outputs, torch.stack(flags).all()
 
 
+def round_block_list_(
+    blocks: Sequence[Tensor],
+    seeds: Sequence[int],
+    offsets: Sequence[int],
+    bits: int,
+    stochastic: bool,
+) -> list[Tensor]:
+    """:func:`round_block_list` written into the block views themselves, unchecked.
+
+    Compiled, the rounding stores straight into the inputs' memory: no output is
+    allocated and nothing is copied back. Returns each view's block exponents. There is
+    no finiteness flag: with one among the outputs, torch 2.14's C++ code generation
+    fails on the in-place rows (a KeyError in its outer-loop fusion), so callers that
+    must check go through :func:`round_block_list`.
+    """
+    exponents = []
+    for view, seed, offset in zip(blocks, seeds, offsets, strict=True):
+        rounded, exponent, _ = round_blocks(view, seed, offset, bits, stochastic, False)
+        view.copy_(rounded)
+        exponents.append(exponent)
+    return exponents
+
+
 class _Kernel:
     """A rounding function run through ``torch.compile`` when possible, else as it is.
 
@@ -195,11 +218,13 @@ def _with_static(
 
 round_blocks_kernel = _Kernel(round_blocks)
 round_block_list_kernel = _Kernel(round_block_list)
+round_block_list_inplace_kernel = _Kernel(round_block_list_)
+_KERNELS = (round_blocks_kernel, round_block_list_kernel, round_block_list_inplace_kernel)
 
 
 def compiled() -> bool:
     """Whether the rounding kernels run compiled (False once they fell back to eager)."""
-    return not (round_blocks_kernel.broken or round_block_list_kernel.broken)
+    return not any(kernel.broken for kernel in _KERNELS)
 
 
 def set_compiled(enabled: bool) -> None:
@@ -208,5 +233,5 @@ def set_compiled(enabled: bool) -> None:
     Eager and compiled results are identical bit for bit; eager skips the compile time
     of each new word length, which is what a test suite full of them wants.
     """
-    for kernel in (round_blocks_kernel, round_block_list_kernel):
+    for kernel in _KERNELS:
         kernel.broken = not enabled

@@ -1,6 +1,7 @@
 """BFP quantizer: grid membership, error bounds, unbiasedness, idempotence, clear errors."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -136,10 +137,57 @@ def test_quantize_tensors_equals_quantizing_each_with_its_stream() -> None:
     assert torch.equal(
         single, quantize_tensors([tensors[1]], fmt, torch.Generator().manual_seed(3))[0]
     )
-    in_place = [t.clone() for t in tensors]
-    quantize_tensors_(in_place, fmt, torch.Generator().manual_seed(7))
-    assert all(torch.equal(a, b) for a, b in zip(in_place, batched, strict=True))
+    for check in (True, False):  # False rounds the tensors where they lie
+        in_place = [t.clone() for t in tensors]
+        pointers = [t.data_ptr() for t in in_place]
+        quantize_tensors_(in_place, fmt, torch.Generator().manual_seed(7), check=check)
+        assert all(torch.equal(a, b) for a, b in zip(in_place, batched, strict=True))
+        assert [t.data_ptr() for t in in_place] == pointers
     assert quantize_tensors([], fmt, gen) == []
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: [torch.randn(12, 10).t(), torch.randn(30)],  # not contiguous
+        lambda: [torch.randn(12, 10, dtype=torch.float64), torch.randn(30)],  # not float32
+        lambda: list(torch.randn(2, 60).unbind()),  # two views of one storage
+    ],
+    ids=["transposed", "float64", "shared-storage"],
+)
+def test_quantize_tensors_in_place_of_tensors_it_cannot_write_directly(make) -> None:
+    fmt = BFP(5, "row", "stochastic")
+    tensors = make()
+    expected = quantize_tensors(tensors, fmt, torch.Generator().manual_seed(4))
+    quantize_tensors_(tensors, fmt, torch.Generator().manual_seed(4), check=False)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, expected, strict=True))
+
+
+def test_a_cpu_seed_is_torchs_randint_draw_and_threads_draw_apart() -> None:
+    # Seeds are the stream every stored result was made with: the draw must not change.
+    ours, torchs = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(200):
+        expected = int(torch.randint(0, 2**31, (1,), generator=torchs).item())
+        assert draw_seed(ours) == expected
+    generators = [torch.Generator().manual_seed(i) for i in range(4)]
+    drawn: list[list[int]] = [[] for _ in range(4)]
+
+    def draw(i: int) -> None:
+        drawn[i].extend(draw_seed(generators[i]) for _ in range(500))
+
+    expected = [
+        [
+            int(s)
+            for s in torch.randint(0, 2**31, (500,), generator=torch.Generator().manual_seed(i))
+        ]
+        for i in range(4)
+    ]
+    threads = [threading.Thread(target=draw, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert drawn == expected
 
 
 def test_the_dither_depends_on_the_seed_and_the_element_only() -> None:
@@ -168,6 +216,7 @@ def test_compiled_and_eager_kernels_agree_bit_for_bit(fmt: BFP) -> None:
         quantize(x, fmt, seed=99),
         encode_codes(x, fmt, seed=99),
         quantize_tensors(tensors, fmt, torch.Generator().manual_seed(1)),
+        _rounded_in_place(tensors, fmt),
     )
     assert kernels.compiled()
     kernels.set_compiled(False)
@@ -175,10 +224,19 @@ def test_compiled_and_eager_kernels_agree_bit_for_bit(fmt: BFP) -> None:
         quantize(x, fmt, seed=99),
         encode_codes(x, fmt, seed=99),
         quantize_tensors(tensors, fmt, torch.Generator().manual_seed(1)),
+        _rounded_in_place(tensors, fmt),
     )
     assert torch.equal(compiled[0], eager[0])
     assert all(torch.equal(a, b) for a, b in zip(compiled[1], eager[1], strict=True))
     assert all(torch.equal(a, b) for a, b in zip(compiled[2], eager[2], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(compiled[3], eager[3], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(compiled[3], compiled[2], strict=True))
+
+
+def _rounded_in_place(tensors: list[torch.Tensor], fmt: BFP) -> list[torch.Tensor]:
+    copies = [t.clone() for t in tensors]
+    quantize_tensors_(copies, fmt, torch.Generator().manual_seed(1), check=False)
+    return copies
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
