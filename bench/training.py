@@ -3,7 +3,8 @@
 1. **Quantizer cost**, per device present (the CPU always, CUDA when available): one
    stochastic 8-bit quantize of a 128-element tensor (the per-call cost that dominates a
    model's small tensors), and every parameter of the paper's ConvNet quantized once
-   (``quantize_tensors``), each against the same math written as a plain chain of torch
+   (``quantize_tensors``, and ``quantize_tensors_`` in place as the optimizer wrapper
+   rounds them), each against the same math written as a plain chain of torch
    ops, timed interleaved in the same run (the per-call pair apart from the whole-model
    pair, so that a 128-value call is not always timed right after a model's worth of
    memory traffic); and the first call's compile time.
@@ -33,7 +34,7 @@ import torch
 from bench._common import print_json, print_table
 from fedlpt.data import load_centralized_test, load_partition
 from fedlpt.models import ConvNet
-from fedlpt.quant import BFP, kernels, quantize, quantize_tensors
+from fedlpt.quant import BFP, kernels, quantize, quantize_tensors, quantize_tensors_
 from fedlpt.quant.training import LowPrecision
 from fedlpt.task import LocalTrainer, evaluate, train
 
@@ -93,9 +94,11 @@ def quantizer_costs(device: torch.device, repeats: int) -> dict[str, float]:
     small = torch.randn(128, device=device)
     torch.manual_seed(0)
     params = [p.detach().to(device) for p in ConvNet(1, 10, 28).parameters()]
+    in_place = [p.clone() for p in params]  # what the optimizer wrapper rounds, in place
     start = time.perf_counter()
     quantize(small, fmt, generator)
     quantize_tensors(params, fmt, generator)
+    quantize_tensors_(in_place, fmt, generator, check=False)
     sync()
     compile_s = time.perf_counter() - start
     small_medians, _ = interleaved(
@@ -109,6 +112,7 @@ def quantizer_costs(device: torch.device, repeats: int) -> dict[str, float]:
     model_medians, _ = interleaved(
         {
             "model": lambda: quantize_tensors(params, fmt, generator, check=False),
+            "model_in_place": lambda: quantize_tensors_(in_place, fmt, generator, check=False),
             "model_chain": lambda: [torch_chain(p, 8, True) for p in params],
         },
         repeats,
@@ -122,6 +126,9 @@ def quantizer_costs(device: torch.device, repeats: int) -> dict[str, float]:
         "model_quantize_ms": medians["model"] * 1e3,
         "model_quantize_chain_ms": medians["model_chain"] * 1e3,
         "model_quantize_vs_torch_chain": medians["model"] / medians["model_chain"],
+        "model_quantize_in_place_ms": medians["model_in_place"] * 1e3,
+        "model_quantize_in_place_vs_torch_chain": medians["model_in_place"]
+        / medians["model_chain"],
         "first_call_s": compile_s,
     }
 
@@ -203,6 +210,13 @@ def main() -> None:
                 costs["model_quantize_ms"] * 1e3,
                 costs["model_quantize_chain_ms"] * 1e3,
                 costs["model_quantize_vs_torch_chain"],
+            ],
+            [
+                device.type,
+                "round every ConvNet parameter in place",
+                costs["model_quantize_in_place_ms"] * 1e3,
+                costs["model_quantize_chain_ms"] * 1e3,
+                costs["model_quantize_in_place_vs_torch_chain"],
             ],
         ]
     print("Quantizer cost (medians, interleaved, 1 CPU thread), microseconds")
