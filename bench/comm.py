@@ -25,7 +25,11 @@ An FP32-downlink ``down32`` would be ``b8`` itself, so it is not run: ``acc_down
 after the first round at which the seed-mean accuracy reaches the target: the fp32
 run's last-5 accuracy (seed mean) minus 1 point. A ratio ``X_vs_Y`` is X / Y.
 
-    python -m bench.comm [--quick] [--configs fp32,delta2_ef,...] [--rounds N] [--parallel 2]
+    python -m bench.comm [--quick] [--configs fp32,delta2_ef,...] [--rounds N] [--seeds 0,1,2]
+                         [--parallel 2]
+
+Where a config ``X_ef_Y`` and its ``X_noef_Y`` both ran, a second table pairs them by seed:
+the mean gain of error feedback, the spread of that gain, and on how many seeds it is ahead.
 
 Runs resume like ``bench.paper``'s: every run keeps its folder under ``--out``.
 """
@@ -138,6 +142,7 @@ def summarize(results: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dic
             "acc": statistics.mean(accs),
             "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
             "per_seed": accs,
+            "seeds": [r["seed"] for r in runs],
             "rounds": min(r["rounds"] for r in runs),
             "up_mb": statistics.mean(r["bytes_up"] for r in runs) / MB,
             "down_mb": statistics.mean(r["bytes_down"] for r in runs) / MB,
@@ -150,6 +155,41 @@ def summarize(results: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dic
             None if target is None else mb_to_target(entry["accuracy"], entry["megabytes"], target)
         )
     return summary
+
+
+def error_feedback_gains(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """What error feedback adds, paired by seed, for every ``X_ef_Y`` config whose
+    ``X_noef_Y`` ran too (keyed ``X_Y``): over the seeds both ran, the mean and sample
+    standard deviation of (feedback - no feedback) last-5 accuracy in points, how many
+    seeds feedback is ahead on, and the larger of the two configs' seed spreads (std).
+
+    Seeds move both configs of a pair together (same data split, same sampled clients),
+    so the paired difference separates feedback's effect from the spread between seeds.
+    """
+    gains: dict[str, dict[str, Any]] = {}
+    for name, with_ef in summary.items():
+        if "_ef_" not in f"{name}_":
+            continue
+        head, _, tail = f"{name}_".partition("_ef_")
+        without = summary.get(f"{head}_noef_{tail}".rstrip("_"))
+        if without is None:
+            continue
+        noef = dict(zip(without["seeds"], without["per_seed"], strict=True))
+        diffs = [
+            acc - noef[seed]
+            for seed, acc in zip(with_ef["seeds"], with_ef["per_seed"], strict=True)
+            if seed in noef
+        ]
+        if not diffs:
+            continue
+        gains[f"{head}_{tail}".rstrip("_")] = {
+            "gain": statistics.mean(diffs),
+            "paired_std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+            "ahead": sum(d > 0 for d in diffs),
+            "seeds": len(diffs),
+            "spread": max(with_ef["std"], without["std"]),
+        }
+    return gains
 
 
 def target_accuracy(summary: Mapping[str, Mapping[str, Any]]) -> float | None:
@@ -173,6 +213,11 @@ def figures(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
                     out[f"upload_ratio_delta{bits}{block}_vs_b8"] = round(
                         delta["up_mb"] / summary["b8"]["up_mb"], 4
                     )
+    for key, gain in error_feedback_gains(summary).items():
+        out[f"ef_gain_{key}"] = round(gain["gain"], 3)
+        out[f"ef_gain_{key}_paired_std"] = round(gain["paired_std"], 3)
+        out[f"ef_ahead_{key}"] = gain["ahead"]
+        out[f"ef_seeds_{key}"] = gain["seeds"]
     target = target_accuracy(summary)
     if target is None:
         return out
@@ -250,11 +295,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_run_arguments(parser, Path("results/bench_comm"))
     parser.add_argument("--rounds", type=int, default=0, help="override the scale's rounds")
+    parser.add_argument(
+        "--seeds", default="", help="comma-separated seeds, overriding the scale's (e.g. 0,1,2,3,4)"
+    )
     args = parser.parse_args()
     scales = {"paper": PAPER_SCALE, "cpu": CPU_QUICK if args.quick else CPU_SCALE}
     scale: Scale = scales[args.scale]
     if args.rounds:
         scale = dataclasses.replace(scale, rounds=args.rounds)
+    if args.seeds:
+        try:
+            seeds = tuple(int(seed) for seed in args.seeds.split(","))
+        except ValueError:
+            parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            parser.error(f"--seeds must be distinct non-negative integers, got {args.seeds!r}")
+        # Run folders are named by seed, so runs shared with the default seeds are reused.
+        scale = dataclasses.replace(scale, seeds=seeds)
     names = args.configs.split(",") if args.configs else list(CONFIGS)
     unknown = sorted(set(names) - set(CONFIGS))
     if unknown:
@@ -279,6 +336,22 @@ def main() -> None:
     )
     if "b8" in summary:
         print("down32 (FP32 downlink) is b8: acc_down32 = acc_b8")
+    gains = error_feedback_gains(summary)
+    if gains:
+        print("error feedback, paired by seed: feedback - no feedback, last-5 accuracy (points)")
+        print_table(
+            ["pair", "gain", "paired std", "seeds ahead", "seed spread"],
+            [
+                [
+                    key,
+                    f"{g['gain']:+.2f}",
+                    f"{g['paired_std']:.2f}",
+                    f"{g['ahead']}/{g['seeds']}",
+                    f"{g['spread']:.2f}",
+                ]
+                for key, g in gains.items()
+            ],
+        )
     paths = plot(summary, args.plot or args.out / tag / "comm", f"Fashion-MNIST, {tag}")
     print("figure:", ", ".join(str(p) for p in paths))
     print_json(

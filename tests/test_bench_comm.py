@@ -6,7 +6,14 @@ import random
 
 import pytest
 
-from bench.comm import CONFIGS, figures, mb_to_target, summarize, table_rows
+from bench.comm import (
+    CONFIGS,
+    error_feedback_gains,
+    figures,
+    mb_to_target,
+    summarize,
+    table_rows,
+)
 from fedlpt.config import AppConfig, default_run_config
 
 
@@ -111,3 +118,35 @@ def test_configs_set_what_the_names_say() -> None:
             if name.endswith(f"_down{bits}"):
                 assert (config["downlink-bits"], config["downlink-block"]) == (bits, "row")
                 assert config["downlink-feedback"] and config["upload-bits"] == 2
+
+
+def test_error_feedback_gains_pair_runs_by_seed() -> None:
+    flat = [0.1] + [0.5] * 6
+    results = []
+    # Feedback ahead by 1, 3 and -1 points on seeds 0, 1, 2; seed 3 ran only with feedback.
+    for seed, gain in ((0, 0.01), (1, 0.03), (2, -0.01), (3, 0.2)):
+        base = [a + 0.1 * seed for a in flat]
+        results.append(_run("delta2_ef_row", seed, [a + gain for a in base], 1e5, 4e6))
+        if seed < 3:
+            results.append(_run("delta2_noef_row", seed, base, 1e5, 4e6))
+    for seed in (0, 1):
+        results.append(_run("down8_ef", seed, flat, 1e6, 1e6))
+    names = ["delta2_ef_row", "delta2_noef_row", "down8_ef"]
+    gains = error_feedback_gains(summarize(results, names))
+    assert list(gains) == ["delta2_row"]  # down8_ef has no down8_noef to pair with
+    gain = gains["delta2_row"]
+    assert gain["seeds"] == 3 and gain["ahead"] == 2
+    assert gain["gain"] == pytest.approx(1.0)
+    assert gain["paired_std"] == pytest.approx(2.0)
+    # The seeds move both configs by 10 points each: the spread dwarfs the paired one.
+    assert gain["spread"] > 8
+    out = figures(summarize(results, names))
+    assert out["ef_gain_delta2_row"] == pytest.approx(1.0)
+    assert out["ef_ahead_delta2_row"] == 2 and out["ef_seeds_delta2_row"] == 3
+
+
+def test_error_feedback_pairs_plain_names() -> None:
+    results = [_run(n, 0, [0.1, 0.5, 0.6], 1e5, 1e6) for n in ("delta2_ef", "delta2_noef")]
+    gains = error_feedback_gains(summarize(results, ["delta2_ef", "delta2_noef"]))
+    assert gains["delta2"]["gain"] == pytest.approx(0.0)
+    assert gains["delta2"]["paired_std"] == 0.0 and gains["delta2"]["ahead"] == 0
