@@ -24,6 +24,8 @@ Upload sizes are measured by ``bench.codec``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import random
 import statistics
 import time
@@ -32,6 +34,7 @@ from collections.abc import Callable
 import torch
 
 from bench._common import print_json, print_table
+from fedlpt import allocator
 from fedlpt.data import load_centralized_test, load_partition
 from fedlpt.models import ConvNet
 from fedlpt.quant import BFP, kernels, quantize, quantize_tensors, quantize_tensors_
@@ -62,7 +65,8 @@ def torch_chain(x: torch.Tensor, bits: int, block_rows: bool) -> torch.Tensor:
 
 
 def interleaved(functions: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]):
-    """Median seconds of each function, timed in turns after a warm-up.
+    """Median wall seconds of each function, timed in turns after a warm-up, with every
+    turn's wall and CPU (``time.process_time``) seconds.
 
     The order is shuffled every round (seeded): a function's time depends on what ran
     just before it (caches, allocator), and a rotated fixed order would always give each
@@ -75,15 +79,17 @@ def interleaved(functions: dict[str, Callable[[], object]], repeats: int, sync: 
             functions[name]()
     sync()
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
         turn = names[:]
         order.shuffle(turn)
         for name in turn:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             functions[name]()
             sync()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}, times
+            cpu[name].append(time.process_time() - start_cpu)
+    return {name: statistics.median(v) for name, v in times.items()}, times, cpu
 
 
 def quantizer_costs(device: torch.device, repeats: int) -> dict[str, float]:
@@ -101,7 +107,7 @@ def quantizer_costs(device: torch.device, repeats: int) -> dict[str, float]:
     quantize_tensors_(in_place, fmt, generator, check=False)
     sync()
     compile_s = time.perf_counter() - start
-    small_medians, _ = interleaved(
+    small_medians, _, _ = interleaved(
         {
             "small": lambda: quantize(small, fmt, generator, check=False),
             "small_chain": lambda: torch_chain(small, 8, True),
@@ -109,7 +115,7 @@ def quantizer_costs(device: torch.device, repeats: int) -> dict[str, float]:
         repeats,
         sync,
     )
-    model_medians, _ = interleaved(
+    model_medians, _, _ = interleaved(
         {
             "model": lambda: quantize_tensors(params, fmt, generator, check=False),
             "model_in_place": lambda: quantize_tensors_(in_place, fmt, generator, check=False),
@@ -133,31 +139,59 @@ def quantizer_costs(device: torch.device, repeats: int) -> dict[str, float]:
     }
 
 
-def step_ratio(
-    device: torch.device, image_size: int, repeats: int
-) -> tuple[float, float, float, float]:
-    """``(fp32 ms, lpt8 ms, median ratio, paired ratio)`` of one training step."""
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+    """One training step, LPT8 against FP32: medians of the interleaved turns."""
+
+    fp32_ms: float
+    lpt8_ms: float
+    ratio: float  # of the wall medians
+    paired: float  # median of the turn-by-turn wall ratios
+    cpu_ratio: float  # of the CPU-time medians
+    faults_fp32: float  # minor page faults per step (kernel-zeroed pages)
+    faults_lpt8: float
+
+
+def _faults_per_step(step: Callable[[], object], steps: int = 5) -> float:
+    """Minor page faults per call of ``step`` (NaN where the OS does not count them)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return math.nan
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
+
+
+def step_ratio(device: torch.device, image_size: int, repeats: int) -> StepTiming:
+    """One training step of the LPT8 recipe against FP32 on ``device``."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     generator = torch.Generator().manual_seed(123)
     images = torch.randn(BATCH, 1, image_size, image_size, generator=generator).to(device)
     labels = torch.randint(0, 10, (BATCH,), generator=generator).to(device)
-    trainers = {}
+    steps = {}
     for name, bits in (("fp32", None), ("lpt8", 8)):
         torch.manual_seed(0)
         model = ConvNet(1, 10, image_size).to(device)
-        trainers[name] = LocalTrainer(
+        trainer = LocalTrainer(
             model,
             LowPrecision.uniform(bits),
             lr=LR,
             generator=torch.Generator(device).manual_seed(0),
         )
-    medians, times = interleaved(
-        {name: (lambda t=t: t.step(images, labels)) for name, t in trainers.items()},
-        repeats,
-        sync,
-    )
+        steps[name] = lambda t=trainer: t.step(images, labels)
+    medians, times, cpu = interleaved(steps, repeats, sync)
     paired = statistics.median(q / f for q, f in zip(times["lpt8"], times["fp32"], strict=True))
-    return medians["fp32"] * 1e3, medians["lpt8"] * 1e3, medians["lpt8"] / medians["fp32"], paired
+    return StepTiming(
+        fp32_ms=medians["fp32"] * 1e3,
+        lpt8_ms=medians["lpt8"] * 1e3,
+        ratio=medians["lpt8"] / medians["fp32"],
+        paired=paired,
+        cpu_ratio=statistics.median(cpu["lpt8"]) / statistics.median(cpu["fp32"]),
+        faults_fp32=_faults_per_step(steps["fp32"]),
+        faults_lpt8=_faults_per_step(steps["lpt8"]),
+    )
 
 
 def accuracy_runs(epochs: int) -> tuple[dict[str, list[float]], dict[str, float]]:
@@ -230,21 +264,50 @@ def main() -> None:
     for device, threads in settings:
         torch.set_num_threads(threads)
         for image_size, key in ((28, ""), (8, "_digits")):
-            fp32, lpt8, ratio, paired = step_ratio(device, image_size, repeats)
+            step = step_ratio(device, image_size, repeats)
             rows.append(
-                [device.type, threads, f"{image_size}x{image_size}", fp32, lpt8, ratio, paired]
+                [
+                    device.type,
+                    threads,
+                    f"{image_size}x{image_size}",
+                    step.fp32_ms,
+                    step.lpt8_ms,
+                    step.ratio,
+                    step.paired,
+                    step.cpu_ratio,
+                    step.faults_fp32,
+                    step.faults_lpt8,
+                ]
             )
             tag = (
                 key
                 + ("" if device.type == "cpu" else "_cuda")
                 + ("" if threads == 1 else f"_{threads}threads")
             )
-            figures[f"step_lpt8_vs_fp32{tag}"] = round(ratio, 3)
-            figures[f"step_fp32_ms{tag}"] = round(fp32, 3)
+            figures[f"step_lpt8_vs_fp32{tag}"] = round(step.ratio, 3)
+            figures[f"step_lpt8_vs_fp32_cpu_time{tag}"] = round(step.cpu_ratio, 3)
+            figures[f"step_fp32_ms{tag}"] = round(step.fp32_ms, 3)
+            figures[f"step_page_faults_lpt8{tag}"] = step.faults_lpt8
     torch.set_num_threads(1)
     print(f"Training step, ConvNet, batch {BATCH}, Adam: median of {repeats} interleaved steps")
     print_table(
-        ["device", "threads", "images", "FP32 ms", "LPT8 ms", "x FP32", "x FP32 (paired)"], rows
+        [
+            "device",
+            "threads",
+            "images",
+            "FP32 ms",
+            "LPT8 ms",
+            "x FP32",
+            "x FP32 (paired)",
+            "x FP32 (CPU time)",
+            "FP32 faults",
+            "LPT8 faults",
+        ],
+        rows,
+    )
+    print(
+        "faults: minor page faults per step (pages the kernel zeroes); freed memory held: "
+        f"{allocator.is_held()} (fedlpt.allocator)"
     )
     print()
 
@@ -260,6 +323,7 @@ def main() -> None:
         figures[f"acc_{key}"] = round(mean, 2)
     print_table(["recipe", *(f"seed {s}" for s in SEEDS), "mean", "train s (all seeds)"], rows)
     figures["compiled"] = kernels.compiled()
+    figures["freed_memory_held"] = allocator.is_held()
     figures["device"] = ",".join(d.type for d in devices)
     print_json(figures)
 

@@ -95,6 +95,11 @@ def hold_freed_memory() -> bool:
         return _held
 
 
+def is_held() -> bool:
+    """Whether this process holds freed memory (:func:`hold_freed_memory` took effect)."""
+    return bool(_held)
+
+
 def release_freed_memory() -> None:
     """Give the free memory at the top of the heap back to the kernel (where held)."""
     if _held:

@@ -13,9 +13,10 @@ def test_interleaved_turns_give_every_function_every_predecessor() -> None:
     # cheap call timed right after an expensive one would always pay for its traffic.
     calls: list[str] = []
     functions = {name: (lambda n=name: calls.append(n)) for name in "abcd"}
-    medians, times = interleaved(functions, repeats=200, sync=lambda: None)
+    medians, times, cpu = interleaved(functions, repeats=200, sync=lambda: None)
     assert set(medians) == set("abcd")
     assert all(len(v) == 200 for v in times.values())
+    assert all(len(v) == 200 and min(v) >= 0 for v in cpu.values())
     timed = calls[12:]  # after the three warm-up rounds
     pairs = Counter(pairwise(timed))
     for name in "abcd":
