@@ -14,6 +14,10 @@ ServerApp and ClientApps with these configs:
 * ``delta2_{ef,noef}_tensor``: 2-bit deltas with one exponent per tensor;
 * ``delta2_{ef,noef}_row_nearest``: 2-bit row deltas rounded to nearest (biased: a small
   change rounds to 0 every round unless fed back);
+* ``delta2_{ef,noef}_tensor_nearest``: 2-bit deltas, one exponent per tensor, rounded to
+  nearest: every change under half the tensor's largest step rounds to 0, the coarsest
+  biased upload here; ``delta2_ef_tensor_nearest_age1`` drops a residual the client
+  did not send back the very next round (``feedback-max-age = 1``);
 * ``delta2_ef_row_down{8,4}``: 2-bit row deltas up and an 8- or 4-bit row-block downlink
   with the server's error feedback;
 * ``down8_{ef,noef}``: ``b8`` with an 8-bit downlink, with or without the server's
@@ -90,6 +94,29 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "upload-rounding": "nearest",
         "upload-feedback": False,
     },
+    # The coarsest biased upload: one exponent per tensor and nearest rounding send 0 for
+    # every change under half the tensor's largest step.
+    "delta2_ef_tensor_nearest": {
+        **_DELTA_ROW,
+        "upload-bits": 2,
+        "upload-block": "tensor",
+        "upload-rounding": "nearest",
+    },
+    "delta2_noef_tensor_nearest": {
+        **_DELTA_ROW,
+        "upload-bits": 2,
+        "upload-block": "tensor",
+        "upload-rounding": "nearest",
+        "upload-feedback": False,
+    },
+    # Feedback only from the round before: is a stale residual what costs accuracy?
+    "delta2_ef_tensor_nearest_age1": {
+        **_DELTA_ROW,
+        "upload-bits": 2,
+        "upload-block": "tensor",
+        "upload-rounding": "nearest",
+        "feedback-max-age": 1,
+    },
     # Both directions compressed: 2-bit row deltas up, an 8- or 4-bit row-block model down.
     "delta2_ef_row_down8": {**_DELTA_ROW, "upload-bits": 2, **_DOWN_ROW, "downlink-bits": 8},
     "delta2_ef_row_down4": {**_DELTA_ROW, "upload-bits": 2, **_DOWN_ROW, "downlink-bits": 4},
@@ -111,6 +138,9 @@ LABELS = {
     "delta2_noef_tensor": "2-bit delta up (tensor), no EF",
     "delta2_ef_row_nearest": "2-bit delta up (row, nearest) + EF",
     "delta2_noef_row_nearest": "2-bit delta up (row, nearest), no EF",
+    "delta2_ef_tensor_nearest": "2-bit delta up (tensor, nearest) + EF",
+    "delta2_noef_tensor_nearest": "2-bit delta up (tensor, nearest), no EF",
+    "delta2_ef_tensor_nearest_age1": "2-bit delta up (tensor, nearest) + EF of 1 round",
     "delta2_ef_row_down8": "2-bit delta up (row) + EF, 8-bit down (row) + EF",
     "delta2_ef_row_down4": "2-bit delta up (row) + EF, 4-bit down (row) + EF",
     "down8_ef": "8-bit down + EF",
