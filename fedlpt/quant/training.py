@@ -5,7 +5,8 @@ quantity that the paper keeps in low precision is rounded onto its BFP grid (sto
 rounding draws its seeds from one generator):
 
 * activations after every conv, linear, activation and pooling module (forward), and the
-  errors flowing back through the same points (backward), by :func:`prepare`;
+  errors flowing back through the same points (backward), by :func:`prepare` (which skips
+  the error roundings it can prove change nothing, see :func:`errors_arriving_on_grid`);
 * gradients before the optimizer step, weights after it (no FP32 master copy), and, when
   asked, the optimizer's state (SGD momentum, Adam moments), by :class:`LowPrecisionOptimizer`,
   each kind in one batched call.
@@ -18,12 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from itertools import pairwise
+from math import prod
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .bfp import BFP, BlockKind, quantize, quantize_tensors_
+from .bfp import BFP, BlockKind, draw_seed, quantize, quantize_tensors_
 
 # Modules after which the paper quantizes the activation (and, backwards, the error).
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -105,17 +108,23 @@ class _QuantizeActivation(torch.autograd.Function):
         activation: BFP | None,
         error: BFP | None,
         generator: torch.Generator | None,
+        error_on_grid: bool,
     ) -> Tensor:
-        ctx.error, ctx.generator = error, generator
+        ctx.error, ctx.generator, ctx.error_on_grid = error, generator, error_on_grid
         if activation is None:
             return x.view_as(x)
         return quantize(x, activation, generator, check=False)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
         if ctx.error is not None:
-            grad = quantize(grad, ctx.error, ctx.generator, check=False)
-        return grad, None, None, None
+            if ctx.error_on_grid:
+                # The rounding would return ``grad`` unchanged; its seed is still drawn so
+                # that every later draw, and so the whole run, stays the same bit for bit.
+                draw_seed(ctx.generator)
+            else:
+                grad = quantize(grad, ctx.error, ctx.generator, check=False)
+        return grad, None, None, None, None
 
 
 def quantize_activation(
@@ -123,31 +132,131 @@ def quantize_activation(
     activation: BFP | None,
     error: BFP | None,
     generator: torch.Generator | None = None,
+    *,
+    error_on_grid: bool = False,
 ) -> Tensor:
-    """``x`` rounded to ``activation``; its gradient is rounded to ``error`` on the way back."""
-    return _QuantizeActivation.apply(x, activation, error, generator)
+    """``x`` rounded to ``activation``; its gradient is rounded to ``error`` on the way back.
+
+    Args:
+        error_on_grid: the caller guarantees that every error arriving here already lies
+            on the ``error`` grid, so its rounding is the identity: it is skipped (its seed
+            still drawn). :func:`prepare` sets it where :func:`errors_arriving_on_grid`
+            proves it.
+    """
+    return _QuantizeActivation.apply(x, activation, error, generator, error_on_grid)
+
+
+def _per_dim(value: int | tuple[int, ...] | list[int], dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+
+def _divides_error_exactly(module: nn.Module) -> bool:
+    """Whether ``module``'s backward maps every error value ``g`` to ``g / 2**k`` or 0.
+
+    True for an average pooling (exactly ``nn.AvgPool1d`` / ``nn.AvgPool2d``, whose
+    forward is torch's own) with non-overlapping windows of a power-of-two size, no
+    padding, no ceil mode and no divisor override: each input element lies in at most one
+    window and receives that window's error divided by its size, a float32 division by a
+    power of two (exact above the subnormal range).
+    """
+    if type(module) not in (nn.AvgPool1d, nn.AvgPool2d):
+        return False
+    dims = 1 if type(module) is nn.AvgPool1d else 2
+    kernel = _per_dim(module.kernel_size, dims)
+    stride = _per_dim(module.stride if module.stride is not None else kernel, dims)  # type: ignore[arg-type]
+    window = prod(kernel)
+    return (
+        kernel == stride
+        and all(p == 0 for p in _per_dim(module.padding, dims))  # type: ignore[arg-type]
+        and not module.ceil_mode
+        and getattr(module, "divisor_override", None) is None  # AvgPool1d has none
+        and window & (window - 1) == 0
+    )
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+
+
+def errors_arriving_on_grid(model: nn.Module, error: BFP | None) -> list[str]:
+    """Names of the quantized modules whose output error provably arrives on ``error``'s grid.
+
+    A quantized module ``m`` qualifies when, inside an ``nn.Sequential`` that runs torch's
+    own forward, the next module is an exact average pooling
+    (:func:`_divides_error_exactly`) that is quantized too, ``m`` occurs once in the model
+    and neither carries hooks yet. Then ``m``'s output feeds only the pooling, whose own
+    quantizer rounds the error first; the pooling's backward divides those grid values by
+    a power of two, and the result lies on the grid of the same format (the largest value
+    and every step scale together; tensor, row and kernel blocks keep their blocks). The
+    paper's ConvNet has three such points (each ReLU before its pooling): about a fifth of
+    the activation and error values of a 28x28 step.
+
+    The one exception is a pooled error whose largest magnitude is below ``2**(k - 126)``
+    for windows of ``2**k`` values (``2**-124`` for 2x2): divided, it falls below float32's
+    normal range, where the rounding's exponent stops at -126 and would have moved the
+    lowest bits. Integer block sizes are never skipped (the pooling regroups blocks).
+    Hooks or forward calls added after :func:`prepare` that use ``m``'s output elsewhere
+    void the proof; unprepare and prepare again after changing the model.
+    """
+    if error is None or not isinstance(error.block, str):
+        return []
+    occurrences: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        occurrences[id(module)] = occurrences.get(id(module), 0) + 1
+    names = {id(module): name for name, module in model.named_modules()}
+    found = []
+    for container in model.modules():
+        if not isinstance(container, nn.Sequential) or type(container).forward is not (
+            nn.Sequential.forward
+        ):
+            continue
+        for module, following in pairwise(container.children()):
+            if (
+                isinstance(module, QUANTIZED_MODULES)
+                and isinstance(following, QUANTIZED_MODULES)
+                and _divides_error_exactly(following)
+                and occurrences[id(module)] == 1
+                and not _has_hooks(module)
+                and not _has_hooks(following)
+            ):
+                found.append(names[id(module)])
+    return found
 
 
 def prepare(
-    model: nn.Module, recipe: LowPrecision, generator: torch.Generator | None = None
+    model: nn.Module,
+    recipe: LowPrecision,
+    generator: torch.Generator | None = None,
+    *,
+    skip_identity_roundings: bool = True,
 ) -> nn.Module:
     """Insert activation/error quantizers after every quantized module of ``model``, in place.
 
     Uses forward hooks, so parameters, buffers and ``state_dict`` keys stay exactly those
     of the plain model. The model's input is not quantized. Returns ``model``.
+
+    Args:
+        skip_identity_roundings: skip the error roundings that
+            :func:`errors_arriving_on_grid` proves to be the identity (their seeds are
+            still drawn): the results are the same bit for bit, the step is shorter.
     """
     if getattr(model, "_fedlpt_hooks", None):
         raise ValueError("model is already prepared for low-precision training")
     handles = []
     if recipe.activation is not None or recipe.error is not None:
         activation, error = recipe.activation, recipe.error
+        on_grid = set(errors_arriving_on_grid(model, error)) if skip_identity_roundings else set()
 
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
             return quantize_activation(output, activation, error, generator)
 
-        for module in model.modules():
+        def hook_on_grid(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            return quantize_activation(output, activation, error, generator, error_on_grid=True)
+
+        for name, module in model.named_modules():
             if isinstance(module, QUANTIZED_MODULES):
-                handles.append(module.register_forward_hook(hook))
+                chosen = hook_on_grid if name in on_grid else hook
+                handles.append(module.register_forward_hook(chosen))
     model._fedlpt_hooks = handles  # type: ignore[assignment]
     return model
 

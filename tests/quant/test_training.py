@@ -112,3 +112,141 @@ def test_prepared_model_keeps_the_plain_state_dict_keys_and_values() -> None:
     plain.load_state_dict(prepared.state_dict())
     with pytest.raises(ValueError, match="already prepared"):
         prepare(prepared, LowPrecision.uniform(8))
+
+
+# --- error roundings proved to be the identity (prepare's skip_identity_roundings) ---
+
+
+def _trained_state(model: nn.Module, recipe: LowPrecision, skip: bool, steps: int = 4):
+    generator = torch.Generator().manual_seed(5)
+    prepare(model, recipe, generator, skip_identity_roundings=skip)
+    optimizer = LowPrecisionOptimizer(torch.optim.Adam(model.parameters(), 1e-2), recipe, generator)
+    for images, labels in batches(steps, batch=6, seed=3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    return model.state_dict(), generator.get_state()
+
+
+@pytest.mark.parametrize("bits", [8, 3])
+@pytest.mark.parametrize("block", ["tensor", "row", "kernel"])
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_skipping_identity_roundings_changes_nothing_bit_for_bit(bits, block, rounding) -> None:
+    tensor_fmt = BFP(bits, block, rounding)
+    recipe = LowPrecision(
+        weight=BFP(bits, "row", rounding),
+        activation=tensor_fmt,
+        error=tensor_fmt,
+        gradient=BFP(bits, "row", rounding),
+    )
+    skipped, skipped_rng = _trained_state(small_convnet(), recipe, skip=True)
+    full, full_rng = _trained_state(small_convnet(), recipe, skip=False)
+    assert torch.equal(skipped_rng, full_rng)  # the same seeds were drawn
+    for key, value in full.items():
+        assert torch.equal(skipped[key], value), key
+
+
+def test_the_skip_really_skips_the_roundings_after_each_pooling(monkeypatch) -> None:
+    import fedlpt.quant.training as training
+
+    calls = {"n": 0}
+    real = training.quantize
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "quantize", counting)
+    counts = {}
+    for skip in (False, True):
+        model = prepare(small_convnet(), LowPrecision.uniform(8), skip_identity_roundings=skip)
+        images, labels = batches(1)[0]
+        calls["n"] = 0
+        nn.functional.cross_entropy(model(images), labels).backward()
+        counts[skip] = calls["n"]
+    # 10 quantized modules: 10 activations and 10 errors; 3 errors (one per ReLU) skipped.
+    assert counts == {False: 20, True: 17}
+
+
+def test_errors_arriving_on_grid_finds_each_relu_before_a_pooling() -> None:
+    from fedlpt.quant.training import errors_arriving_on_grid
+
+    names = errors_arriving_on_grid(small_convnet(), BFP(8, "tensor"))
+    assert names == ["features.relu1", "features.relu2", "features.relu3"]
+    assert errors_arriving_on_grid(small_convnet(), BFP(8, "row")) == names
+    assert errors_arriving_on_grid(small_convnet(), None) == []
+    # An integer block: the pooling regroups the blocks.
+    assert errors_arriving_on_grid(small_convnet(), BFP(8, 16)) == []
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        nn.AvgPool2d(3),  # a window of 9 values: not a power of two
+        nn.AvgPool2d(2, stride=1),  # overlapping windows add errors
+        nn.AvgPool2d(2, padding=1),
+        nn.AvgPool2d(2, ceil_mode=True),
+        nn.AvgPool2d(2, divisor_override=3),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(2),
+    ],
+    ids=["window9", "overlap", "padding", "ceil", "divisor", "maxpool", "adaptive"],
+)
+def test_no_skip_before_a_pooling_that_is_not_an_exact_division(pool) -> None:
+    from fedlpt.quant.training import errors_arriving_on_grid
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), pool)
+    assert errors_arriving_on_grid(model, BFP(8, "tensor")) == []
+    exact = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AvgPool2d((2, 4)))
+    assert errors_arriving_on_grid(exact, BFP(8, "tensor")) == ["1"]
+    assert errors_arriving_on_grid(nn.Sequential(nn.ReLU(), nn.AvgPool1d(4)), BFP(4)) == ["0"]
+
+
+def test_no_skip_where_the_output_may_go_elsewhere() -> None:
+    from fedlpt.quant.training import errors_arriving_on_grid
+
+    fmt = BFP(8, "tensor")
+    # A hook on the module may use its output.
+    hooked = nn.Sequential(nn.ReLU(), nn.AvgPool2d(2))
+    hooked[0].register_forward_hook(lambda module, inputs, output: None)
+    assert errors_arriving_on_grid(hooked, fmt) == []
+    # The same module used twice.
+    relu = nn.ReLU()
+    assert errors_arriving_on_grid(nn.Sequential(relu, nn.AvgPool2d(2), relu), fmt) == []
+
+    # A container that runs its own forward.
+    class Skipping(nn.Sequential):
+        def forward(self, x):
+            return self[1](x) + self[0](x).mean()
+
+    assert errors_arriving_on_grid(Skipping(nn.ReLU(), nn.AvgPool2d(2)), fmt) == []
+
+    # A subclass of the pooling may change its forward.
+    class Pool(nn.AvgPool2d):
+        pass
+
+    assert errors_arriving_on_grid(nn.Sequential(nn.ReLU(), Pool(2)), fmt) == []
+    # Not followed by a quantized module, or not quantized itself.
+    assert errors_arriving_on_grid(nn.Sequential(nn.GroupNorm(1, 4), nn.AvgPool2d(2)), fmt) == []
+
+
+def test_the_skipped_error_is_on_its_grid_and_equals_the_rounded_one() -> None:
+    """What the skip relies on, directly: the ReLU-output error after the pooling's rounding."""
+    fmt = BFP(5, "tensor", "stochastic")
+    for skip in (True, False):
+        model = small_convnet()
+        prepare(
+            model,
+            LowPrecision(activation=fmt, error=fmt),
+            torch.Generator().manual_seed(2),
+            skip_identity_roundings=skip,
+        )
+        seen = []
+
+        def record(module, inputs, output, seen=seen) -> None:
+            output.register_hook(seen.append)
+
+        model.features.relu1.register_forward_hook(record)
+        images, labels = batches(1)[0]
+        nn.functional.cross_entropy(model(images), labels).backward()
+        assert len(seen) == 1 and on_grid(seen[0], fmt)
