@@ -230,7 +230,7 @@ def test_no_skip_where_the_output_may_go_elsewhere() -> None:
     assert errors_arriving_on_grid(nn.Sequential(nn.GroupNorm(1, 4), nn.AvgPool2d(2)), fmt) == []
 
 
-def test_the_skipped_error_is_on_its_grid_and_equals_the_rounded_one() -> None:
+def test_the_error_reaching_a_skipped_rounding_is_on_its_grid() -> None:
     """What the skip relies on, directly: the ReLU-output error after the pooling's rounding."""
     fmt = BFP(5, "tensor", "stochastic")
     for skip in (True, False):
