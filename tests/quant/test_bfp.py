@@ -217,6 +217,7 @@ def test_compiled_and_eager_kernels_agree_bit_for_bit(fmt: BFP) -> None:
         encode_codes(x, fmt, seed=99),
         quantize_tensors(tensors, fmt, torch.Generator().manual_seed(1)),
         _rounded_in_place(tensors, fmt),
+        quantize(x, fmt, seed=99, check=False),
     )
     assert kernels.compiled()
     kernels.set_compiled(False)
@@ -225,8 +226,10 @@ def test_compiled_and_eager_kernels_agree_bit_for_bit(fmt: BFP) -> None:
         encode_codes(x, fmt, seed=99),
         quantize_tensors(tensors, fmt, torch.Generator().manual_seed(1)),
         _rounded_in_place(tensors, fmt),
+        quantize(x, fmt, seed=99, check=False),
     )
     assert torch.equal(compiled[0], eager[0])
+    assert torch.equal(compiled[4], eager[4]) and torch.equal(compiled[4], compiled[0])
     assert all(torch.equal(a, b) for a, b in zip(compiled[1], eager[1], strict=True))
     assert all(torch.equal(a, b) for a, b in zip(compiled[2], eager[2], strict=True))
     assert all(torch.equal(a, b) for a, b in zip(compiled[3], eager[3], strict=True))
@@ -425,6 +428,6 @@ def test_a_new_thread_count_gets_its_own_kernel_with_identical_results() -> None
         two = quantize(x, fmt, seed=11)
     finally:
         torch.set_num_threads(threads)
-    variants = kernels.round_blocks_kernel.variants
-    assert {(7, True, False, 1), (7, True, False, 2)} <= set(variants)
+    variants = kernels.round_values_kernel.variants  # quantize's kernel: values and flag
+    assert {(7, True, True, 1), (7, True, True, 2)} <= set(variants)
     assert torch.equal(one, two)
