@@ -12,7 +12,11 @@
    the 28x28 ConvNet (batch 32, Adam) and of the 8x8 digits ConvNet, 8-bit recipe against
    FP32, each built by ``fedlpt.task.LocalTrainer``, interleaved (the order shuffled every
    round, after a warm-up), at 1 and 2 torch threads on the CPU and on CUDA when present.
-3. **Accuracy** on digits (8x8 ConvNet) after training on the whole train pool for a
+3. **Where the step's time goes**, at 1 thread: the 8-bit recipe against FP32 and against
+   itself with one part changed, interleaved: activations and errors rounded to nearest
+   (what a free dither would leave), the optimizer wrapper alone (weights and gradients),
+   the activation/error quantizers alone.
+4. **Accuracy** on digits (8x8 ConvNet) after training on the whole train pool for a
    fixed number of epochs: FP32 and 8-, 6- and 4-bit recipes (row blocks) and 8-bit
    with kernel blocks (the paper's "BC"); mean over seeds 0, 1, 2.
 
@@ -92,9 +96,13 @@ def interleaved(functions: dict[str, Callable[[], object]], repeats: int, sync: 
     return {name: statistics.median(v) for name, v in times.items()}, times, cpu
 
 
+def _sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+
 def quantizer_costs(device: torch.device, repeats: int) -> dict[str, float]:
     """Per-call and whole-model quantization against the plain torch chain, on ``device``."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync = _sync(device)
     generator = torch.Generator(device).manual_seed(0)
     fmt = BFP(8, "row", "stochastic")
     small = torch.randn(128, device=device)
@@ -164,23 +172,29 @@ def _faults_per_step(step: Callable[[], object], steps: int = 5) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
 
 
-def step_ratio(device: torch.device, image_size: int, repeats: int) -> StepTiming:
-    """One training step of the LPT8 recipe against FP32 on ``device``."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+def _training_steps(
+    device: torch.device, image_size: int, recipes: dict[str, LowPrecision]
+) -> dict[str, Callable[[], object]]:
+    """One ``LocalTrainer.step`` per recipe, on the same batch and the same initial model."""
     generator = torch.Generator().manual_seed(123)
     images = torch.randn(BATCH, 1, image_size, image_size, generator=generator).to(device)
     labels = torch.randint(0, 10, (BATCH,), generator=generator).to(device)
     steps = {}
-    for name, bits in (("fp32", None), ("lpt8", 8)):
+    for name, recipe in recipes.items():
         torch.manual_seed(0)
         model = ConvNet(1, 10, image_size).to(device)
         trainer = LocalTrainer(
-            model,
-            LowPrecision.uniform(bits),
-            lr=LR,
-            generator=torch.Generator(device).manual_seed(0),
+            model, recipe, lr=LR, generator=torch.Generator(device).manual_seed(0)
         )
         steps[name] = lambda t=trainer: t.step(images, labels)
+    return steps
+
+
+def step_ratio(device: torch.device, image_size: int, repeats: int) -> StepTiming:
+    """One training step of the LPT8 recipe against FP32 on ``device``."""
+    sync = _sync(device)
+    recipes = {"fp32": LowPrecision(), "lpt8": LowPrecision.uniform(8)}
+    steps = _training_steps(device, image_size, recipes)
     medians, times, cpu = interleaved(steps, repeats, sync)
     paired = statistics.median(q / f for q, f in zip(times["lpt8"], times["fp32"], strict=True))
     return StepTiming(
@@ -192,6 +206,31 @@ def step_ratio(device: torch.device, image_size: int, repeats: int) -> StepTimin
         faults_fp32=_faults_per_step(steps["fp32"]),
         faults_lpt8=_faults_per_step(steps["lpt8"]),
     )
+
+
+# What an LPT8 step costs made of: the full recipe with one part changed or left out.
+_ROW8, _TENSOR8 = BFP(8, "row"), BFP(8, "tensor")
+BREAKDOWN = {
+    "fp32": LowPrecision(),
+    "lpt8": LowPrecision.uniform(8),
+    # Activations and errors rounded to nearest: what the step would cost with a dither
+    # that cost nothing (a lower bound for any cheaper random stream).
+    "lpt8_nearest_activations": dataclasses.replace(
+        LowPrecision.uniform(8),
+        activation=BFP(8, "tensor", "nearest"),
+        error=BFP(8, "tensor", "nearest"),
+    ),
+    "weights_and_gradients_only": LowPrecision(weight=_ROW8, gradient=_ROW8),
+    "activations_and_errors_only": LowPrecision(activation=_TENSOR8, error=_TENSOR8),
+}
+
+
+def step_breakdown(device: torch.device, image_size: int, repeats: int) -> dict[str, float]:
+    """Median step time of every :data:`BREAKDOWN` recipe over FP32's, interleaved."""
+    medians, _, _ = interleaved(
+        _training_steps(device, image_size, BREAKDOWN), repeats, _sync(device)
+    )
+    return {name: medians[name] / medians["fp32"] for name in BREAKDOWN}
 
 
 def accuracy_runs(epochs: int) -> tuple[dict[str, list[float]], dict[str, float]]:
@@ -308,6 +347,38 @@ def main() -> None:
     print(
         "faults: minor page faults per step (pages the kernel zeroes); freed memory held: "
         f"{allocator.is_held()} (fedlpt.allocator)"
+    )
+    print()
+
+    rows = []
+    for device in devices:
+        for image_size, key in ((28, ""), (8, "_digits")):
+            parts = step_breakdown(device, image_size, repeats)
+            rows.append([device.type, f"{image_size}x{image_size}", *parts.values()])
+            tag = key + ("" if device.type == "cpu" else "_cuda")
+            for name, ratio in parts.items():
+                if name != "fp32":
+                    figures[f"breakdown_{name}_vs_fp32{tag}"] = round(ratio, 3)
+    print(
+        "Where the LPT8 step's time goes: each recipe's step over FP32's, 1 thread, "
+        f"median of {repeats} interleaved steps"
+    )
+    print_table(
+        [
+            "device",
+            "images",
+            "FP32",
+            "LPT8",
+            "LPT8, act/err nearest",
+            "weights+grads only",
+            "act+err only",
+        ],
+        rows,
+    )
+    print(
+        "act/err nearest: activations and errors rounded to nearest, the step with a free "
+        "dither; weights+grads only: the optimizer wrapper alone; act+err only: the "
+        "activation/error quantizers alone"
     )
     print()
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections import Counter
 from itertools import pairwise
 
-from bench.training import interleaved
+import torch
+
+from bench.training import BREAKDOWN, interleaved, step_breakdown
 
 
 def test_interleaved_turns_give_every_function_every_predecessor() -> None:
@@ -25,3 +29,25 @@ def test_interleaved_turns_give_every_function_every_predecessor() -> None:
     rounds = [tuple(timed[i : i + 4]) for i in range(0, len(timed), 4)]
     assert all(sorted(r) == list("abcd") for r in rounds)  # each round runs each once
     assert len(set(rounds)) > 4  # shuffled, not rotated
+
+
+def test_the_breakdown_changes_one_part_of_the_8bit_recipe_at_a_time() -> None:
+    full = BREAKDOWN["lpt8"]
+    assert BREAKDOWN["fp32"].is_fp32
+    nearest = BREAKDOWN["lpt8_nearest_activations"]
+    assert (nearest.weight, nearest.gradient) == (full.weight, full.gradient)
+    assert nearest.activation == dataclasses.replace(full.activation, rounding="nearest")
+    assert nearest.error == dataclasses.replace(full.error, rounding="nearest")
+    optimizer = BREAKDOWN["weights_and_gradients_only"]
+    assert (optimizer.weight, optimizer.gradient) == (full.weight, full.gradient)
+    assert optimizer.activation is None and optimizer.error is None
+    quantizers = BREAKDOWN["activations_and_errors_only"]
+    assert (quantizers.activation, quantizers.error) == (full.activation, full.error)
+    assert quantizers.weight is None and quantizers.gradient is None
+
+
+def test_the_breakdown_times_every_recipe_against_fp32() -> None:
+    ratios = step_breakdown(torch.device("cpu"), image_size=8, repeats=2)
+    assert list(ratios) == list(BREAKDOWN)
+    assert ratios["fp32"] == 1.0
+    assert all(math.isfinite(r) and r > 0 for r in ratios.values())
