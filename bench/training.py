@@ -209,19 +209,19 @@ def step_ratio(device: torch.device, image_size: int, repeats: int) -> StepTimin
 
 
 # What an LPT8 step costs made of: the full recipe with one part changed or left out.
-_ROW8, _TENSOR8 = BFP(8, "row"), BFP(8, "tensor")
+_LPT8 = LowPrecision.uniform(8)
 BREAKDOWN = {
     "fp32": LowPrecision(),
-    "lpt8": LowPrecision.uniform(8),
+    "lpt8": _LPT8,
     # Activations and errors rounded to nearest: what the step would cost with a dither
     # that cost nothing (a lower bound for any cheaper random stream).
     "lpt8_nearest_activations": dataclasses.replace(
-        LowPrecision.uniform(8),
-        activation=BFP(8, "tensor", "nearest"),
-        error=BFP(8, "tensor", "nearest"),
+        _LPT8,
+        activation=dataclasses.replace(_LPT8.activation, rounding="nearest"),
+        error=dataclasses.replace(_LPT8.error, rounding="nearest"),
     ),
-    "weights_and_gradients_only": LowPrecision(weight=_ROW8, gradient=_ROW8),
-    "activations_and_errors_only": LowPrecision(activation=_TENSOR8, error=_TENSOR8),
+    "weights_and_gradients_only": dataclasses.replace(_LPT8, activation=None, error=None),
+    "activations_and_errors_only": dataclasses.replace(_LPT8, weight=None, gradient=None),
 }
 
 
