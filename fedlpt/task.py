@@ -79,6 +79,8 @@ class LocalTrainer:
         generator: the stream of stochastic rounding (on the model's device).
         optimizer_state: a previous state dict of the same optimizer to resume from (only
             its per-parameter ``"state"`` is used; hyperparameters come from this call).
+        engine: ``"auto"``, ``"integer"`` or ``"emulated"``
+            (:func:`fedlpt.quant.training.select_engine`); ``engine`` says which one runs.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class LocalTrainer:
         proximal_mu: float = 0.0,
         generator: torch.Generator | None = None,
         optimizer_state: Mapping[str, Any] | None = None,
+        engine: str = "auto",
     ) -> None:
         if proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {proximal_mu}")
@@ -110,7 +113,8 @@ class LocalTrainer:
             inner.load_state_dict({**inner.state_dict(), "state": optimizer_state["state"]})
         self.optimizer = LowPrecisionOptimizer(inner, recipe, generator)
         self.criterion = nn.CrossEntropyLoss()
-        prepare(model, recipe, generator)
+        prepare(model, recipe, generator, engine=engine)
+        self.engine: str = model.fedlpt_engine
         model.train()
 
     def loss(self, images: Tensor, labels: Tensor) -> Tensor:
@@ -158,6 +162,7 @@ def train(
     seed: int = 0,
     optimizer_state: Mapping[str, Any] | None = None,
     progress_every_s: float = PROGRESS_EVERY_S,
+    engine: str = "auto",
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Train ``model`` in place for ``epochs`` over ``loader`` with the low-precision ``recipe``.
 
@@ -165,6 +170,7 @@ def train(
     ``optimizer_state`` (from a previous call) resumes the optimizer, as the paper keeps
     each client's Adam moments across rounds. Training that lasts longer than
     ``progress_every_s`` logs a progress line that often (epoch, step, pace, time left).
+    ``engine`` picks the low-precision engine (see :class:`LocalTrainer`).
     Returns the result and the optimizer's new state dict.
     """
     if epochs < 1:
@@ -178,6 +184,7 @@ def train(
         proximal_mu=proximal_mu,
         generator=torch.Generator(_device_of(model)).manual_seed(seed),
         optimizer_state=optimizer_state,
+        engine=engine,
     )
     # The loss sum stays on the device: reading it every step would synchronize a GPU.
     loss_sum = torch.zeros((), dtype=torch.float64, device=trainer.device)

@@ -58,24 +58,12 @@ def power_of_two(exponent: Tensor) -> Tensor:
     return ((exponent + 127) << 23).view(torch.float32)
 
 
-def round_blocks(
-    x: Tensor, seed: int, offset: int, bits: int, stochastic: bool, codes: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Round every block (row) of float32 ``x [blocks, size]`` onto its BFP grid.
-
-    Args:
-        x: the values, one block per row.
-        seed: the stream of the stochastic dither.
-        offset: index of ``x``'s first element in its tensor (the dither's counter).
-        bits: word length, 2..16.
-        stochastic: stochastic rounding (else to nearest, ties to even).
-        codes: return the integer codes (int8, or int16 above 8 bits) instead of values.
-
-    Returns:
-        ``(rounded, exponents, finite)``: the grid values (float32) or codes shaped like
-        ``x``; the int32 exponent of each block; a 0-d bool tensor, False when ``x``
-        held a NaN or an Inf (then the result is meaningless).
-    """
+def _round_scaled(
+    x: Tensor, seed: int, offset: int, bits: int, stochastic: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The arithmetic of :func:`round_blocks`: ``(rounded, up_low, up_high, exponent,
+    finite)``, where ``rounded`` holds the integer codes as float32 and a value is
+    ``rounded * 2**-up_low * 2**-up_high``."""
     largest = x.abs().amax(dim=1, keepdim=True)
     finite = torch.isfinite(largest).all()
     # floor(log2(largest)) read from the float's exponent field: exact. Zero blocks and
@@ -96,11 +84,65 @@ def round_blocks(
     else:
         rounded = torch.round(scaled)
     limit = 2.0 ** (bits - 1) - 1.0
-    rounded = rounded.clamp(-limit, limit)
+    return rounded.clamp(-limit, limit), up_low, up_high, exponent, finite
+
+
+def round_blocks(
+    x: Tensor, seed: int, offset: int, bits: int, stochastic: bool, codes: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Round every block (row) of float32 ``x [blocks, size]`` onto its BFP grid.
+
+    Args:
+        x: the values, one block per row.
+        seed: the stream of the stochastic dither.
+        offset: index of ``x``'s first element in its tensor (the dither's counter).
+        bits: word length, 2..16.
+        stochastic: stochastic rounding (else to nearest, ties to even).
+        codes: return the integer codes (int8, or int16 above 8 bits) instead of values.
+
+    Returns:
+        ``(rounded, exponents, finite)``: the grid values (float32) or codes shaped like
+        ``x``; the int32 exponent of each block; a 0-d bool tensor, False when ``x``
+        held a NaN or an Inf (then the result is meaningless).
+    """
+    rounded, up_low, up_high, exponent, finite = _round_scaled(x, seed, offset, bits, stochastic)
     if codes:
         return rounded.to(torch.int8 if bits <= 8 else torch.int16), exponent.view(-1), finite
     values = rounded * power_of_two(-up_low) * power_of_two(-up_high)
     return values, exponent.view(-1), finite
+
+
+def round_tensor(
+    x: Tensor, seed: int, bits: int, stochastic: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Float32 ``x`` of any shape rounded as one block: ``(values, codes, exponent)``.
+
+    The same numbers as :func:`round_blocks` on ``x`` flattened in its logical
+    (row-major) order, offset 0: ``values`` in ``x``'s shape, their int8 codes (bits
+    <= 8) beside them, and the block's int32 exponent ``[1]`` (``128 + bits - 2`` when
+    ``x`` holds a NaN or an Inf: the codes' scale is then infinite). The integer engine's
+    activation and error rounding: the values feed float operations, the codes
+    integer products and what is saved for backward.
+    """
+    flat = x.contiguous().view(1, -1)
+    rounded, up_low, up_high, exponent, finite = _round_scaled(flat, seed, 0, bits, stochastic)
+    values = rounded * power_of_two(-up_low) * power_of_two(-up_high)
+    # Codes cannot hold a NaN: a non-finite tensor gets the exponent whose scale
+    # 2**(e - (bits-2)) is infinite, so whatever is computed from its codes is not
+    # finite either, and the loss shows it (nothing reads a flag back on the hot path).
+    exponent = torch.where(finite, exponent, EXPONENT_MAX + 1 + (bits - 2))
+    return values.view(x.shape), rounded.to(torch.int8).view(x.shape), exponent.view(-1)
+
+
+def relu_round_tensor(
+    x: Tensor, seed: int, bits: int, stochastic: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`round_tensor` of ``relu(x)``, the ReLU fused into the rounding's passes.
+
+    (A ReLU's mask ``x > 0`` is better made outside: stored from a compiled CPU kernel,
+    a bool tensor costs ten times an eager comparison.)
+    """
+    return round_tensor(torch.relu(x), seed, bits, stochastic)
 
 
 def round_values(
@@ -233,11 +275,15 @@ round_blocks_kernel = _Kernel(round_blocks)
 round_values_kernel = _Kernel(round_values)
 round_block_list_kernel = _Kernel(round_block_list)
 round_block_list_inplace_kernel = _Kernel(round_block_list_)
+round_tensor_kernel = _Kernel(round_tensor)
+relu_round_tensor_kernel = _Kernel(relu_round_tensor)
 _KERNELS = (
     round_blocks_kernel,
     round_values_kernel,
     round_block_list_kernel,
     round_block_list_inplace_kernel,
+    round_tensor_kernel,
+    relu_round_tensor_kernel,
 )
 
 

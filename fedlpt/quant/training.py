@@ -1,8 +1,11 @@
 """Low-precision training: a recipe of formats, activation/error quantizers, an optimizer wrapper.
 
-As in the paper (and QPyTorch's ``OptimLP``), arithmetic is simulated in float32 but every
-quantity that the paper keeps in low precision is rounded onto its BFP grid (stochastic
-rounding draws its seeds from one generator):
+As in the paper (and QPyTorch's ``OptimLP``), every quantity that the paper keeps in low
+precision is rounded onto its BFP grid (stochastic rounding draws its seeds from one
+generator). Two engines compute with those values (:func:`select_engine`): the emulated
+one multiplies float32 copies, as the paper's code does; the integer one
+(:mod:`fedlpt.quant.integer`) multiplies the int8 codes and keeps them for backward, with
+the same results. What is rounded, and where:
 
 * activations after every conv, linear, activation and pooling module (forward), and the
   errors flowing back through the same points (backward), by :func:`prepare` (which skips
@@ -17,6 +20,8 @@ at every rounding but shows in the loss, which the training loop checks once.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from itertools import pairwise
@@ -26,7 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import gemm
 from .bfp import BFP, BlockKind, draw_seed, quantize, quantize_tensors_
+from .integer import MAX_BITS, prepare_integer, unprepare_integer
 
 # Modules after which the paper quantizes the activation (and, backwards, the error).
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -40,6 +47,8 @@ _POOLING = (
     nn.AdaptiveAvgPool2d,
 )
 QUANTIZED_MODULES: tuple[type[nn.Module], ...] = _WEIGHTED + _ACTIVATIONS + _POOLING
+ENGINES = ("auto", "integer", "emulated")
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -223,48 +232,147 @@ def errors_arriving_on_grid(model: nn.Module, error: BFP | None) -> list[str]:
     return found
 
 
+def integer_blockers(recipe: LowPrecision) -> list[str]:
+    """Why ``recipe`` cannot run on the integer engine (empty: it can).
+
+    The engine multiplies int8 codes: activations, errors and weights must each be
+    quantized to at most 8 bits, activations and errors with one exponent per tensor,
+    weights with one per tensor or per row (output channel). The paper's ``kernel``
+    blocks, or int blocks, put exponents along the reduction of every product.
+    """
+    reasons = []
+    for role in ("activation", "error", "weight"):
+        fmt: BFP | None = getattr(recipe, role)
+        if fmt is None:
+            reasons.append(f"the {role}s are FP32")
+        elif fmt.bits > MAX_BITS:
+            reasons.append(f"{role} bits {fmt.bits} > {MAX_BITS} (the engine's codes are int8)")
+    for role in ("activation", "error"):
+        fmt = getattr(recipe, role)
+        if fmt is not None and fmt.block != "tensor":
+            reasons.append(f"{role}s share exponents by {fmt.block!r}, not one per tensor")
+    if recipe.weight is not None and recipe.weight.block not in ("tensor", "row"):
+        reasons.append(
+            f"weight block {recipe.weight.block!r} puts exponents along the reduction of "
+            "every product (the engine takes 'tensor' or 'row')"
+        )
+    return reasons
+
+
+def select_engine(
+    recipe: LowPrecision, engine: str = "auto", device: torch.device | str = "cpu"
+) -> tuple[str, str]:
+    """``("integer" | "emulated", why)`` for ``recipe`` on ``device``.
+
+    ``"auto"`` takes the integer engine where the recipe allows it
+    (:func:`integer_blockers`) and the device multiplies int8 codes exactly and faster
+    than float32 (:func:`fedlpt.quant.gemm.choose`, probed once per process), else the
+    emulated one. ``"integer"`` where the recipe does not allow it raises ValueError
+    naming why; on a device without a fast int8 product it still runs (the memory
+    saving stays), its products in float32.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "emulated":
+        return "emulated", "asked for"
+    blockers = integer_blockers(recipe)
+    if engine == "integer":
+        if blockers:
+            raise ValueError("engine='integer' cannot run this recipe: " + "; ".join(blockers))
+        name, why = gemm.choose(device)
+        return "integer", f"int8 products by {name} ({why})"
+    if blockers:
+        return "emulated", "; ".join(blockers)
+    name, why = gemm.choose(device)
+    if name == "float":
+        return "emulated", why
+    return "integer", f"int8 products by {name} ({why})"
+
+
+@functools.cache
+def _log_engine(engine: str, why: str) -> None:
+    _LOG.info("fedlpt: low-precision training runs on the %s engine: %s", engine, why)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def prepare(
     model: nn.Module,
     recipe: LowPrecision,
     generator: torch.Generator | None = None,
     *,
+    engine: str = "auto",
     skip_identity_roundings: bool = True,
 ) -> nn.Module:
     """Insert activation/error quantizers after every quantized module of ``model``, in place.
 
-    Uses forward hooks, so parameters, buffers and ``state_dict`` keys stay exactly those
-    of the plain model. The model's input is not quantized. Returns ``model``.
+    Parameters, buffers and ``state_dict`` keys stay exactly those of the plain model.
+    The model's input is not quantized. Returns ``model``; ``model.fedlpt_engine`` names
+    the engine it runs on.
 
     Args:
+        engine: ``"auto"`` (default), ``"integer"`` or ``"emulated"``, see
+            :func:`select_engine` (the choice is logged once). The emulated engine adds
+            forward hooks; the integer engine replaces the forward of the modules it
+            implements (:mod:`fedlpt.quant.integer`) and expects the weights on the
+            recipe's weight grid, as :class:`LowPrecisionOptimizer` keeps them.
         skip_identity_roundings: skip the error roundings that
             :func:`errors_arriving_on_grid` proves to be the identity (their seeds are
             still drawn): the results are the same bit for bit, the step is shorter.
     """
     if getattr(model, "_fedlpt_hooks", None):
         raise ValueError("model is already prepared for low-precision training")
-    handles = []
+    handles: list[Any] = []
+    chosen = "emulated"
     if recipe.activation is not None or recipe.error is not None:
+        chosen, why = select_engine(recipe, engine, _device_of(model))
+        _log_engine(chosen, why)
         activation, error = recipe.activation, recipe.error
         on_grid = set(errors_arriving_on_grid(model, error)) if skip_identity_roundings else set()
+        if chosen == "integer":
+            assert activation is not None  # integer_blockers guarantees it
+            handles = prepare_integer(
+                model,
+                quantized=QUANTIZED_MODULES,
+                activation=activation,
+                error=error,
+                weight=recipe.weight,
+                generator=generator,
+                errors_on_grid=on_grid,
+            )
+        else:
 
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            return quantize_activation(output, activation, error, generator)
+            def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+                return quantize_activation(output, activation, error, generator)
 
-        def hook_on_grid(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            return quantize_activation(output, activation, error, generator, error_on_grid=True)
+            def hook_on_grid(
+                module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor
+            ) -> Tensor:
+                return quantize_activation(output, activation, error, generator, error_on_grid=True)
 
-        for name, module in model.named_modules():
-            if isinstance(module, QUANTIZED_MODULES):
-                chosen = hook_on_grid if name in on_grid else hook
-                handles.append(module.register_forward_hook(chosen))
+            for name, module in model.named_modules():
+                if isinstance(module, QUANTIZED_MODULES):
+                    chosen_hook = hook_on_grid if name in on_grid else hook
+                    handles.append(module.register_forward_hook(chosen_hook))
+    elif engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     model._fedlpt_hooks = handles  # type: ignore[assignment]
+    model.fedlpt_engine = chosen  # type: ignore[assignment]
     return model
 
 
 def unprepare(model: nn.Module) -> nn.Module:
     """Remove the quantizers :func:`prepare` inserted; returns ``model``."""
-    for handle in getattr(model, "_fedlpt_hooks", []):
-        handle.remove()
+    handles = getattr(model, "_fedlpt_hooks", [])
+    if getattr(model, "fedlpt_engine", "emulated") == "integer":
+        unprepare_integer(handles)
+    else:
+        for handle in handles:
+            handle.remove()
     model._fedlpt_hooks = []  # type: ignore[assignment]
     return model
 
