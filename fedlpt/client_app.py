@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from logging import WARNING
+from logging import INFO, WARNING
 from typing import Any
 
 import torch
@@ -73,8 +73,11 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(config.get(protocol.PROXIMAL_MU, 0.0)),
         seed=seed,
         optimizer_state=_load_optimizer_state(context),
+        engine=cfg.engine,
     )
     train_seconds = time.perf_counter() - start
+    if not recipe.is_fp32:
+        _log_engine(result.engine, cfg.engine)
     _save_optimizer_state(context, optimizer_state)
 
     state = {name: value.detach().cpu() for name, value in model.state_dict().items()}
@@ -143,6 +146,11 @@ def _compression(cfg: AppConfig) -> str:
         _warn_uncompressed()
         return "none"
     return cfg.compress
+
+
+@functools.cache
+def _log_engine(engine: str, asked: str) -> None:
+    log(INFO, "fedlpt: this node trains on the %s engine (engine = %r)", engine, asked)
 
 
 @functools.cache

@@ -25,6 +25,7 @@ from typing import Any
 from .data.catalog import DATASET_NAMES, PARTITIONER_NAMES
 from .quant.bfp import ROUNDINGS, check_bits, parse_block
 from .quant.entropy import COMPRESSIONS
+from .quant.training import ENGINES
 from .strategy.registry import COMMON_PARAMS, STRATEGIES, WEIGHTINGS, strategy_key
 
 STRATEGY_PREFIX = "strategy."
@@ -185,6 +186,15 @@ class AppConfig:
     )
     rounding: str = _setting("stochastic", "rounding onto the grid", choices=ROUNDINGS)
     quantize_optimizer_state: bool = _setting(False, "also round Adam moments / SGD momentum")
+    engine: str = _setting(
+        "auto",
+        "the arithmetic of low-precision training: `integer` (int8 products of the codes, "
+        "activations kept in 8 bits for backward; needs weights, activations and errors at "
+        "<= 8 bits, weight `block` `tensor` or `row`), `emulated` (float32 products, as the "
+        "paper's code), `auto` (integer where the recipe allows it and this node multiplies "
+        "int8 faster than float32). Same results either way",
+        choices=ENGINES,
+    )
     upload: str = _setting(
         "weights",
         "what clients send: `weights` (the paper) or `delta` (their change to the model)",

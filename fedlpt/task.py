@@ -33,11 +33,13 @@ logger = logging.getLogger("flwr")
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Outcome of :func:`train`: mean loss over all steps, examples seen, steps taken."""
+    """Outcome of :func:`train`: mean loss over all steps, examples seen, steps taken,
+    and the low-precision engine that ran them (``"integer"`` or ``"emulated"``)."""
 
     loss: float
     num_examples: int
     steps: int
+    engine: str = "emulated"
 
 
 def make_optimizer(
@@ -210,7 +212,7 @@ def train(
         # The quantizers do not check every tensor (that would stall a GPU): a NaN or an
         # Inf anywhere in the step shows here.
         raise ValueError(f"local training diverged: the mean loss is {mean_loss}")
-    return TrainResult(mean_loss, examples, steps), trainer.optimizer.state_dict()
+    return TrainResult(mean_loss, examples, steps, trainer.engine), trainer.optimizer.state_dict()
 
 
 def _log_progress(epoch: int, epochs: int, steps: int, total_steps: int, elapsed: float) -> None:

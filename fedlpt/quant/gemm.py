@@ -37,6 +37,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -49,13 +50,17 @@ SCREEN_SHAPE = (256, 576, 128)
 PROBE_SHAPE = (2048, 1152, 128)
 # An int8 backend is chosen only where it takes at most this share of float32's time.
 MIN_SPEEDUP = 0.8
+# Products with a signed left operand (input gradients) go through it only below this
+# share: their float32 alternative is torch's own convolution backward, which beats the
+# float32 product of im2col'd operands that the probe times.
+SIGNED_SPEEDUP = 0.6
 # Products smaller than this many multiply-adds run in float32 (exact for int8 codes
 # of K < 1040, and cheaper than an int8 call's fixed cost: oneDNN prepacks ``b``).
 MIN_INT8_MACS = 1 << 21
 ENV_BACKEND = "FEDLPT_INT8_BACKEND"
 
 _LOG = logging.getLogger(__name__)
-_CHOICE: dict[str, tuple[str, str]] = {}
+_CHOICE: dict[str, Choice] = {}
 _CHOICE_LOCK = threading.Lock()
 # Whether oneDNN's u8 x s8 product adds pairs in saturating 16 bits on this CPU (no
 # VNNI): found out once, by the product that saturates if it can.
@@ -106,6 +111,57 @@ def matmul_codes(
     if bias is not None:
         out = out.add_(bias)
     return out
+
+
+def conv2d_codes(
+    x: Tensor,
+    w: Tensor,
+    *,
+    scale: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    x_nonneg: bool,
+    backend_name: str | None = None,
+) -> Tensor | None:
+    """A direct convolution of codes, where the backend has one; else None.
+
+    ``conv2d(x, w) * scale + bias`` for int8 ``x [N, C, H, W]`` and ``w [O, C, kh, kw]``
+    (one group, zero padding), ``scale [O]`` float32, sums exact as in
+    :func:`matmul_codes`: oneDNN's quantized convolution, which reads ``x`` in place
+    where the im2col product copies every window first, for non-negative ``x`` (u8,
+    no pair can saturate). The result is ``[N, O, Ho, Wo]`` in channels-last memory.
+    """
+    name = backend_name
+    if name is None:
+        name = backend(x.device)
+        out_h = (x.shape[2] + 2 * padding[0] - dilation[0] * (w.shape[2] - 1) - 1) // stride[0] + 1
+        out_w = (x.shape[3] + 2 * padding[1] - dilation[1] * (w.shape[3] - 1) - 1) // stride[1] + 1
+        if x.shape[0] * out_h * out_w * w[0].numel() * w.shape[0] < MIN_INT8_MACS:
+            return None
+    if name != "onednn" or not x_nonneg:
+        return None
+    scale = scale.to(torch.float32).expand(w.shape[0]).contiguous()
+    zero_points = torch.zeros(w.shape[0], dtype=torch.int64, device=x.device)
+    geometry = (list(stride), list(padding), list(dilation), 1)
+    packed = torch.ops.onednn.qconv_prepack(w.contiguous(), scale, 1.0, 0, *geometry, None)
+    return torch.ops.onednn.qconv2d_pointwise(
+        x.contiguous().view(torch.uint8),
+        1.0,
+        0,
+        packed,
+        scale,
+        zero_points,
+        bias.to(torch.float32) if bias is not None else None,
+        *geometry,
+        1.0,
+        0,
+        torch.float32,
+        "none",
+        [],
+        "",
+    )
 
 
 def digits(b: Tensor, base_bits: int) -> list[Tensor]:
@@ -176,10 +232,13 @@ def _onednn(
         "",
     )
     if count > 1:
-        # Each block is exact below 2**24; their sum is formed in float64 and rounded
-        # once, as the exact sum would be.
-        blocks = out.view(out.shape[0], count, columns).to(torch.float64)
-        out = blocks.sum(dim=1).to(torch.float32)
+        # Each block is exact below 2**24. Two blocks: one float32 addition is the exact
+        # sum rounded once. More: their sum is formed in float64 and rounded once.
+        blocks = out.view(out.shape[0], count, columns)
+        if count == 2:
+            out = blocks[:, 0] + blocks[:, 1]
+        else:
+            out = blocks.to(torch.float64).sum(dim=1).to(torch.float32)
         if bias is not None:
             out = out.add_(bias)
     return out
@@ -282,8 +341,9 @@ def probe(device: torch.device | str = "cpu") -> dict[str, float]:
     """Seconds of the probe product for the exact backends on ``device`` (``float`` too).
 
     Every exact backend is first timed on :data:`SCREEN_SHAPE`; one more than four
-    times slower than float32 there (a reference loop) is left out of the timing on
-    :data:`PROBE_SHAPE` (non-negative ``a``, as a ReLU output), which decides.
+    times slower than float32 there (a reference loop) gets ``inf`` and is left out of
+    the timing on :data:`PROBE_SHAPE`, which decides: with a non-negative ``a`` (a ReLU's
+    output, under ``name``) and a signed one (an error, under ``name + ":signed"``).
     """
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -291,24 +351,36 @@ def probe(device: torch.device | str = "cpu") -> dict[str, float]:
 
     def operands(shape: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
         rows, inner, columns = shape
-        a = torch.randint(0, 128, (rows, inner), generator=generator, dtype=torch.int8)
+        a = torch.randint(-127, 128, (rows, inner), generator=generator, dtype=torch.int8)
         b = torch.randint(-127, 128, (columns, inner), generator=generator, dtype=torch.int8)
         return a.to(device), b.to(device)
 
-    def timed(names: list[str], a: Tensor, b: Tensor) -> dict[str, float]:
-        return {
-            name: _median_seconds(
-                lambda n=name: matmul_codes(a, b, a_nonneg=True, backend_name=n), sync
-            )
-            for name in names
-        }
+    def seconds_of(name: str, a: Tensor, b: Tensor, nonneg: bool) -> float:
+        return _median_seconds(lambda: matmul_codes(a, b, a_nonneg=nonneg, backend_name=name), sync)
 
     exact = [name for name in BACKENDS if available(name, device)]
-    screen = timed(exact, *operands(SCREEN_SHAPE))
+    a, b = operands(SCREEN_SHAPE)
+    screen = {name: seconds_of(name, a.abs(), b, True) for name in exact}
     fast = [name for name in exact if screen[name] <= 4 * screen["float"]]
-    seconds = timed(fast, *operands(PROBE_SHAPE))
-    seconds.update({name: math.inf for name in exact if name not in fast})
+    a, b = operands(PROBE_SHAPE)
+    seconds = {}
+    for name in exact:
+        if name not in fast:
+            seconds[name] = seconds[name + ":signed"] = math.inf
+            continue
+        seconds[name] = seconds_of(name, a.abs(), b, True)
+        seconds[name + ":signed"] = seconds_of(name, a, b, False)
     return seconds
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What :func:`choose` found for a device: the backend, why, and whether its products
+    with a signed left operand (errors) beat float32 too (not where oneDNN saturates)."""
+
+    backend: str
+    why: str
+    signed_fast: bool
 
 
 def backend(device: torch.device | str = "cpu") -> str:
@@ -316,46 +388,77 @@ def backend(device: torch.device | str = "cpu") -> str:
     return choose(device)[0]
 
 
+def signed_products_fast(device: torch.device | str = "cpu") -> bool:
+    """Whether int8 products with a signed left operand beat float32 on ``device``.
+
+    Where they do not (oneDNN on a CPU without VNNI splits the right operand in two),
+    the integer engine computes input gradients, whose left operand is the error, in
+    float32 as the emulated engine does.
+    """
+    choose(device)
+    return _CHOICE[torch.device(device).type].signed_fast
+
+
 def choose(device: torch.device | str = "cpu") -> tuple[str, str]:
     """``(backend, why)`` for ``device``, probed once per process and device type.
 
-    ``FEDLPT_INT8_BACKEND`` (one of :data:`BACKENDS`) forces the backend. Otherwise the
-    fastest exact int8 backend wins if it takes at most :data:`MIN_SPEEDUP` of float32's
-    time on the probe, else ``"float"``. ``why`` says what was measured.
+    ``FEDLPT_INT8_BACKEND`` (one of :data:`BACKENDS`) forces the backend, for every
+    product. Otherwise the fastest exact int8 backend wins if it takes at most
+    :data:`MIN_SPEEDUP` of float32's time on the probe, else ``"float"``. ``why`` says
+    what was measured.
     """
     device = torch.device(device)
     key = device.type
     with _CHOICE_LOCK:
-        if key in _CHOICE:
-            return _CHOICE[key]
-        forced = os.environ.get(ENV_BACKEND, "")
-        if forced:
-            if forced not in BACKENDS:
-                raise ValueError(f"{ENV_BACKEND}={forced!r} must be one of {BACKENDS}")
-            if not available(forced, device):
-                raise ValueError(
-                    f"{ENV_BACKEND}={forced!r}: that backend is not exact or not present on "
-                    f"{device.type} here"
-                )
-            choice = (forced, f"forced by {ENV_BACKEND}")
-        else:
-            choice = _pick(probe(device))
-        _CHOICE[key] = choice
-        _LOG.info("fedlpt: int8 products on %s use %s (%s)", device.type, *choice)
-        return choice
+        if key not in _CHOICE:
+            _CHOICE[key] = _choice(device)
+            _LOG.info(
+                "fedlpt: int8 products on %s use %s (%s)",
+                key,
+                _CHOICE[key].backend,
+                _CHOICE[key].why,
+            )
+        choice = _CHOICE[key]
+        return choice.backend, choice.why
 
 
-def _pick(seconds: dict[str, float]) -> tuple[str, str]:
+def _choice(device: torch.device) -> Choice:
+    forced = os.environ.get(ENV_BACKEND, "")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{ENV_BACKEND}={forced!r} must be one of {BACKENDS}")
+        if not available(forced, device):
+            raise ValueError(
+                f"{ENV_BACKEND}={forced!r}: that backend is not exact or not present on "
+                f"{device.type} here"
+            )
+        return Choice(forced, f"forced by {ENV_BACKEND}", signed_fast=True)
+    return _pick(probe(device))
+
+
+def _pick(seconds: dict[str, float]) -> Choice:
     float_s = seconds["float"]
+    names = [name for name in seconds if ":" not in name]
     timings = ", ".join(
-        f"{name} {s * 1e3:.2f} ms" if math.isfinite(s) else f"{name} slow (a reference loop)"
-        for name, s in seconds.items()
+        f"{name} {seconds[name] * 1e3:.2f} ms"
+        if math.isfinite(seconds[name])
+        else f"{name} slow (a reference loop)"
+        for name in names
     )
-    fast = [name for name in seconds if name != "float" and seconds[name] <= MIN_SPEEDUP * float_s]
+    fast = [name for name in names if name != "float" and seconds[name] <= MIN_SPEEDUP * float_s]
     if not fast:
-        return "float", f"no exact int8 product at most {MIN_SPEEDUP}x float32's time: {timings}"
+        return Choice(
+            "float",
+            f"no exact int8 product at most {MIN_SPEEDUP}x float32's time: {timings}",
+            False,
+        )
     best = min(fast, key=seconds.__getitem__)
-    return best, f"{seconds[best] / float_s:.2f}x float32 on the probe: {timings}"
+    signed = seconds.get(best + ":signed", seconds[best]) / float_s
+    why = (
+        f"{seconds[best] / float_s:.2f}x float32 on the probe, {signed:.2f}x with a signed "
+        f"left operand: {timings}"
+    )
+    return Choice(best, why, signed_fast=signed <= SIGNED_SPEEDUP)
 
 
 def forget_choice() -> None:

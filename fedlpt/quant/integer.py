@@ -47,6 +47,7 @@ from . import gemm
 from .bfp import BFP, draw_seed, stream_seed
 from .kernels import (
     power_of_two,
+    relu_avg_pool_kernel,
     relu_round_tensor_kernel,
     round_blocks,
     round_tensor_kernel,
@@ -54,6 +55,7 @@ from .kernels import (
 
 MAX_BITS = 8  # int8 codes
 _GRID = "_fedlpt_grid"  # attribute of a value tensor holding its GridCodes
+_POOLED_BY = "_fedlpt_pooled_by"  # attribute of a fused ReLU's output: the pooling it did
 _LOG = logging.getLogger(__name__)
 
 
@@ -174,6 +176,12 @@ class Layer:
     _weight_codes: WeightCodes | None = field(default=None, repr=False)
     _warned: bool = field(default=False, repr=False)
 
+    def signed_in_int8(self, like: Tensor) -> bool:
+        """Whether products whose left operand is signed (the error: input gradients)
+        run in int8 here: a named backend always, the chosen one where they are fast
+        (:func:`fedlpt.quant.gemm.signed_products_fast`); else torch's float32 ones."""
+        return self.backend is not None or gemm.signed_products_fast(like.device)
+
     def codes_of_weight(self, weight: Tensor) -> WeightCodes | None:
         """The weight's codes, re-read whenever the weight changed (its version moved)."""
         if self.weight is None:
@@ -193,11 +201,20 @@ class Layer:
                 )
         return self._weight_codes
 
+    def next_seed(self) -> int:
+        """The seed of this module's next rounding, drawn as the emulated engine's
+        :func:`~fedlpt.quant.bfp.quantize` draws it."""
+        return stream_seed(draw_seed(self.generator), 0)
+
     def round_output(self, y: Tensor, nonneg: bool = False) -> Tensor:
         """``y`` rounded to the activation format (one seed drawn), codes attached."""
-        seed = stream_seed(draw_seed(self.generator), 0)
+        seed = self.next_seed()
         static = (self.activation.bits, self.activation.rounding == "stochastic")
-        values, codes, exponent = round_tensor_kernel(y.to(torch.float32), seed, static=static)
+        # A channels-last product is made contiguous eagerly: reading it transposed in
+        # the rounding kernel (whose dither counts in logical order) is slower.
+        values, codes, exponent = round_tensor_kernel(
+            y.to(torch.float32).contiguous(), seed, static=static
+        )
         return attach(values, GridCodes(codes, exponent, self.activation.bits, nonneg))
 
     def round_error(self, grad: Tensor, want_codes: bool) -> tuple[Tensor, GridCodes | None]:
@@ -215,7 +232,9 @@ class Layer:
             return grad, GridCodes(codes, exponent, fmt.bits)
         seed = stream_seed(draw_seed(self.generator), 0)
         static = (fmt.bits, fmt.rounding == "stochastic")
-        values, codes, exponent = round_tensor_kernel(grad.to(torch.float32), seed, static=static)
+        values, codes, exponent = round_tensor_kernel(
+            grad.to(torch.float32).contiguous(), seed, static=static
+        )
         return values, GridCodes(codes, exponent, fmt.bits)
 
 
@@ -330,22 +349,44 @@ def conv2d_codes(
     geometry: ConvGeometry,
     backend: str | None = None,
 ) -> Tensor:
-    """``conv2d(x, w) + bias`` from codes: float32 ``[N, O, Ho, Wo]``, sums exact."""
+    """``conv2d(x, w) + bias`` from codes: float32 ``[N, O, Ho, Wo]``, sums exact.
+
+    A direct int8 convolution where the backend has one
+    (:func:`fedlpt.quant.gemm.conv2d_codes`), else an int8 product of im2col rows.
+    """
+    out_channels = w.codes.shape[0]
+    scale = (x.scale * w.scale()).expand(out_channels)
+    direct = gemm.conv2d_codes(
+        x.codes,
+        w.codes,
+        scale=scale,
+        bias=bias,
+        stride=geometry.stride,
+        padding=geometry.padding,
+        dilation=geometry.dilation,
+        x_nonneg=x.nonneg,
+        backend_name=backend,
+    )
+    if direct is not None:
+        return direct
     n, _, h, width = x.codes.shape
     rows = im2col_rows(
         x.codes, geometry.kernel, geometry.stride, geometry.padding, geometry.dilation
     )
-    out_channels = w.codes.shape[0]
     matrix = w.codes.permute(0, 2, 3, 1).reshape(out_channels, -1)
-    scale = (x.scale * w.scale()).expand(out_channels)
     out = gemm.matmul_codes(
         rows, matrix, scale=scale, bias=bias, a_nonneg=x.nonneg, backend_name=backend
     )
-    ho = _out_size(
-        h, geometry.kernel[0], geometry.stride[0], geometry.padding[0], geometry.dilation[0]
-    )
-    wo = _out_size(
-        width, geometry.kernel[1], geometry.stride[1], geometry.padding[1], geometry.dilation[1]
+    ho, wo = (
+        _out_size(size, k, s, p, d)
+        for size, k, s, p, d in zip(
+            (h, width),
+            geometry.kernel,
+            geometry.stride,
+            geometry.padding,
+            geometry.dilation,
+            strict=True,
+        )
     )
     return out.view(n, ho, wo, out_channels).permute(0, 3, 1, 2)
 
@@ -479,7 +520,7 @@ class _IntegerConv(torch.autograd.Function):
             grad_w = conv2d_weight_grad_codes(
                 x_grid, e_grid, weight2.shape, geometry, layer.backend
             )
-        if need_x and e_grid is not None and codes is not None:
+        if need_x and e_grid is not None and codes is not None and layer.signed_in_int8(grad):
             grad_x = conv2d_input_grad_codes(
                 e_grid, codes, ctx.input_shape, geometry, layer.backend
             )
@@ -561,7 +602,7 @@ class _IntegerLinear(torch.autograd.Function):
                 grad_w = error2.t() @ _restore(x_grid, saved_x).reshape(-1, in_features)
         codes: WeightCodes | None = ctx.weight_codes
         if need_x:
-            if e_grid is not None and codes is not None:
+            if e_grid is not None and codes is not None and layer.signed_in_int8(grad):
                 aligned, bottom = codes.aligned()
                 scale = e_grid.scale * power_of_two(
                     torch.tensor([bottom - (codes.bits - 2)], dtype=torch.int32, device=grad.device)
@@ -614,7 +655,7 @@ class _IntegerReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: Layer) -> Tensor:  # type: ignore[override]
-        seed = stream_seed(draw_seed(layer.generator), 0)
+        seed = layer.next_seed()
         fmt = layer.activation
         values, codes, exponent = relu_round_tensor_kernel(
             x.to(torch.float32), seed, static=(fmt.bits, fmt.rounding == "stochastic")
@@ -654,6 +695,53 @@ class _IntegerAvgPool2d(torch.autograd.Function):
             error, shape_only, kernel, stride, padding, ceil_mode, count_include_pad, divisor
         )
         return grad_x, None, None
+
+
+def _spread(x: Tensor, window_h: int, window_w: int) -> Tensor:
+    """Each value of ``x [N, C, H, W]`` repeated over a ``window_h x window_w`` window:
+    ``[N, C, H*window_h, W*window_w]`` (along W first, then whole rows along H: both
+    copies read contiguous runs, faster than ``repeat_interleave`` or one 6-D copy)."""
+    n, c, h, w = x.shape
+    along_w = torch.empty(n, c, h, w, window_w, dtype=x.dtype, device=x.device)
+    along_w.copy_(x.unsqueeze(-1).expand(n, c, h, w, window_w))
+    rows = along_w.view(n, c, h, 1, w * window_w).expand(n, c, h, window_h, w * window_w)
+    out = torch.empty(n, c, h, window_h, w * window_w, dtype=x.dtype, device=x.device)
+    out.copy_(rows)
+    return out.view(n, c, h * window_h, w * window_w)
+
+
+class _IntegerReLUAvgPool(torch.autograd.Function):
+    """A ReLU and the exact average pooling that alone reads it, in one pass.
+
+    Forward, the ReLU's rounded output is pooled inside the rounding kernel and never
+    stored; the ReLU keeps its mask (int8), the pooling nothing. Backward, the pooled
+    error is spread over each window (divided by the window's size, exact) and masked.
+    The same draws as the two modules apart: the ReLU's seed, then the pooling's.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, relu: Layer, pool: Layer, window: tuple[int, int]
+    ) -> Tensor:
+        fmt = relu.activation
+        static = (fmt.bits, fmt.rounding == "stochastic", *window)
+        pooled, mask = relu_avg_pool_kernel(x.to(torch.float32), relu.next_seed(), static=static)
+        out = pool.round_output(pooled, nonneg=True)
+        ctx.layers, ctx.window = (relu, pool), window
+        ctx.save_for_backward(mask)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        relu, pool = ctx.layers
+        (mask,) = ctx.saved_tensors
+        window_h, window_w = ctx.window
+        error, _ = pool.round_error(grad, want_codes=False)
+        spread = _spread(error * (1.0 / (window_h * window_w)), window_h, window_w)
+        # Proved on its grid where prepare skips the ReLU's error rounding (a seed drawn).
+        spread, _ = relu.round_error(spread, want_codes=False)
+        return spread.mul_(mask.view(torch.bool)), None, None, None
 
 
 class _RoundOutput(torch.autograd.Function):
@@ -703,7 +791,21 @@ def _relu_forward(layer: Layer, x: Tensor) -> Tensor:
     return _IntegerReLU.apply(x, layer)
 
 
+def _relu_pool_forward(
+    layer: Layer, pool: Layer, pooling: nn.AvgPool2d, window: tuple[int, int], x: Tensor
+) -> Tensor:
+    """The ReLU's forward when an exact pooling follows: the pooled output, marked as
+    such for the pooling's own forward to pass on (a shape it cannot pool: apart)."""
+    if x.dim() != 4 or x.shape[2] % window[0] or x.shape[3] % window[1]:
+        return _IntegerReLU.apply(x, layer)
+    out = _IntegerReLUAvgPool.apply(x, layer, pool, window)
+    setattr(out, _POOLED_BY, pooling)
+    return out
+
+
 def _avg_pool_forward(module: nn.AvgPool2d, layer: Layer, x: Tensor) -> Tensor:
+    if getattr(x, _POOLED_BY, None) is module:
+        return x  # the fused ReLU before it pooled already
     args = (
         _pair(module.kernel_size, 2),
         _pair(module.stride if module.stride is not None else module.kernel_size, 2),
@@ -731,6 +833,7 @@ def prepare_integer(
     weight: BFP | None,
     generator: torch.Generator | None,
     errors_on_grid: set[str],
+    pools_after: dict[str, nn.Module] | None = None,
     backend: str | None = None,
 ) -> list[Any]:
     """Install the integer engine on every module of ``model``; returns what to undo.
@@ -739,12 +842,14 @@ def prepare_integer(
     those :func:`supports` names run their integer forward, the others their torch
     forward followed by the rounding (a forward hook). Group norms keep codes of their
     input. ``errors_on_grid`` names the modules whose error rounding is skipped.
-    ``backend`` names the int8 product backend of every layer (default: the one
+    ``pools_after`` maps modules to the exact average pooling that alone reads their
+    output (:func:`fedlpt.quant.training.pooled_pairs`): a ReLU there runs fused with
+    it. ``backend`` names the int8 product backend of every layer (default: the one
     :func:`fedlpt.quant.gemm.choose` picks, small products in float32).
     """
-    undo: list[Any] = []
-    for name, module in model.named_modules():
-        layer = Layer(
+    pools_after = pools_after or {}
+    layers = {
+        name: Layer(
             name=name,
             activation=activation,
             error=error,
@@ -753,6 +858,12 @@ def prepare_integer(
             error_on_grid=name in errors_on_grid,
             backend=backend,
         )
+        for name, module in model.named_modules()
+    }
+    names = {id(module): name for name, module in model.named_modules()}
+    undo: list[Any] = []
+    for name, module in model.named_modules():
+        layer = layers[name]
         forward: Callable[..., Tensor] | None = None
         if type(module) is nn.GroupNorm:
             forward = functools.partial(_group_norm_forward, module)
@@ -764,6 +875,11 @@ def prepare_integer(
             forward = functools.partial(_conv_forward, module, layer, geometry, dims)
         elif type(module) is nn.Linear:
             forward = functools.partial(_linear_forward, module, layer)
+        elif type(module) is nn.ReLU and type(pools_after.get(name)) is nn.AvgPool2d:
+            pooling = pools_after[name]
+            window = _pair(pooling.kernel_size, 2)
+            pool_layer = layers[names[id(pooling)]]
+            forward = functools.partial(_relu_pool_forward, layer, pool_layer, pooling, window)
         elif type(module) is nn.ReLU:
             forward = functools.partial(_relu_forward, layer)
         elif type(module) is nn.AvgPool2d:

@@ -145,6 +145,28 @@ def relu_round_tensor(
     return round_tensor(torch.relu(x), seed, bits, stochastic)
 
 
+def relu_avg_pool(
+    x: Tensor, seed: int, bits: int, stochastic: bool, window_h: int, window_w: int
+) -> tuple[Tensor, Tensor]:
+    """A ReLU rounded as :func:`round_tensor` rounds it, then averaged over
+    non-overlapping ``window_h x window_w`` windows: ``(pooled, mask)``.
+
+    ``x`` is ``[N, C, H, W]`` with H and W multiples of the window. The rounded ReLU is
+    never stored: the window sums of its grid values are exact in any order, so
+    ``pooled`` equals ``avg_pool2d`` of it bit for bit. ``mask`` is ``x > 0`` as int8
+    (0 or 1), what the ReLU's backward needs (int8: a bool store is slow in the code
+    Inductor generates for the CPU).
+    """
+    n, c, h, w = x.shape
+    flat = torch.relu(x).reshape(1, -1)
+    rounded, up_low, up_high, _, _ = _round_scaled(flat, seed, 0, bits, stochastic)
+    values = rounded * power_of_two(-up_low) * power_of_two(-up_high)
+    windows = values.view(n, c, h // window_h, window_h, w // window_w, window_w)
+    pooled = windows.sum(dim=(3, 5)) * (1.0 / (window_h * window_w))
+    mask = torch.where(x > 0, 1.0, 0.0).to(torch.int8)
+    return pooled, mask
+
+
 def round_values(
     x: Tensor, seed: int, bits: int, stochastic: bool, checked: bool
 ) -> tuple[Tensor, Tensor | None]:
@@ -277,6 +299,7 @@ round_block_list_kernel = _Kernel(round_block_list)
 round_block_list_inplace_kernel = _Kernel(round_block_list_)
 round_tensor_kernel = _Kernel(round_tensor)
 relu_round_tensor_kernel = _Kernel(relu_round_tensor)
+relu_avg_pool_kernel = _Kernel(relu_avg_pool)
 _KERNELS = (
     round_blocks_kernel,
     round_values_kernel,
@@ -284,6 +307,7 @@ _KERNELS = (
     round_block_list_inplace_kernel,
     round_tensor_kernel,
     relu_round_tensor_kernel,
+    relu_avg_pool_kernel,
 )
 
 

@@ -187,6 +187,38 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
 
 
+def pooled_pairs(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, pooling)`` of each quantized module whose output feeds only an exact
+    average pooling (:func:`_divides_error_exactly`), that pooling quantized too.
+
+    The module must sit right before the pooling inside an ``nn.Sequential`` that runs
+    torch's own forward, occur once in the model and carry no hooks (neither may the
+    pooling). :func:`errors_arriving_on_grid` and the integer engine's fused
+    ReLU + pooling build on it.
+    """
+    occurrences: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        occurrences[id(module)] = occurrences.get(id(module), 0) + 1
+    names = {id(module): name for name, module in model.named_modules()}
+    found = []
+    for container in model.modules():
+        if not isinstance(container, nn.Sequential) or type(container).forward is not (
+            nn.Sequential.forward
+        ):
+            continue
+        for module, following in pairwise(container.children()):
+            if (
+                isinstance(module, QUANTIZED_MODULES)
+                and isinstance(following, QUANTIZED_MODULES)
+                and _divides_error_exactly(following)
+                and occurrences[id(module)] == 1
+                and not _has_hooks(module)
+                and not _has_hooks(following)
+            ):
+                found.append((names[id(module)], following))
+    return found
+
+
 def errors_arriving_on_grid(model: nn.Module, error: BFP | None) -> list[str]:
     """Names of the quantized modules whose output error provably arrives on ``error``'s grid.
 
@@ -209,27 +241,7 @@ def errors_arriving_on_grid(model: nn.Module, error: BFP | None) -> list[str]:
     """
     if error is None or not isinstance(error.block, str):
         return []
-    occurrences: dict[int, int] = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        occurrences[id(module)] = occurrences.get(id(module), 0) + 1
-    names = {id(module): name for name, module in model.named_modules()}
-    found = []
-    for container in model.modules():
-        if not isinstance(container, nn.Sequential) or type(container).forward is not (
-            nn.Sequential.forward
-        ):
-            continue
-        for module, following in pairwise(container.children()):
-            if (
-                isinstance(module, QUANTIZED_MODULES)
-                and isinstance(following, QUANTIZED_MODULES)
-                and _divides_error_exactly(following)
-                and occurrences[id(module)] == 1
-                and not _has_hooks(module)
-                and not _has_hooks(following)
-            ):
-                found.append(names[id(module)])
-    return found
+    return [name for name, _ in pooled_pairs(model)]
 
 
 def integer_blockers(recipe: LowPrecision) -> list[str]:
@@ -343,6 +355,7 @@ def prepare(
                 weight=recipe.weight,
                 generator=generator,
                 errors_on_grid=on_grid,
+                pools_after=dict(pooled_pairs(model)),
             )
         else:
 

@@ -103,15 +103,33 @@ def test_codes_must_be_int8_and_shapes_must_match() -> None:
 
 
 def test_pick_takes_the_fastest_exact_backend_that_beats_float32() -> None:
-    name, why = gemm._pick({"int_mm": math.inf, "onednn": 0.005, "float": 0.010})
-    assert name == "onednn" and "0.50x" in why and "reference loop" in why
-    name, why = gemm._pick({"int_mm": 0.004, "onednn": 0.005, "float": 0.010})
-    assert name == "int_mm"
+    choice = gemm._pick(
+        {
+            "int_mm": math.inf,
+            "int_mm:signed": math.inf,
+            "onednn": 0.005,
+            "onednn:signed": 0.009,
+            "float": 0.010,
+        }
+    )
+    assert choice.backend == "onednn" and "0.50x" in choice.why and "reference loop" in choice.why
+    # Signed products at 0.9x float32 (oneDNN saturating, two digits): not worth it.
+    assert not choice.signed_fast
+    choice = gemm._pick(
+        {
+            "int_mm": 0.004,
+            "int_mm:signed": 0.004,
+            "onednn": 0.005,
+            "onednn:signed": 0.005,
+            "float": 0.010,
+        }
+    )
+    assert choice.backend == "int_mm" and choice.signed_fast
 
 
 def test_pick_falls_back_to_float_when_no_int8_product_is_fast_enough() -> None:
-    name, why = gemm._pick({"int_mm": math.inf, "onednn": 0.009, "float": 0.010})
-    assert name == "float" and "no exact int8 product" in why
+    choice = gemm._pick({"int_mm": math.inf, "onednn": 0.009, "float": 0.010})
+    assert choice.backend == "float" and "no exact int8 product" in choice.why
 
 
 def test_choice_is_probed_once_and_logged(monkeypatch, caplog) -> None:
@@ -137,10 +155,17 @@ def test_environment_forces_a_backend(monkeypatch) -> None:
     gemm.forget_choice()
 
 
-def test_probe_times_every_exact_backend() -> None:
+def test_probe_times_every_exact_backend_with_both_signs() -> None:
     seconds = gemm.probe("cpu")
-    assert set(seconds) == set(CPU_BACKENDS)
+    assert set(seconds) == set(CPU_BACKENDS) | {f"{name}:signed" for name in CPU_BACKENDS}
     assert all(s > 0 for s in seconds.values())
+
+
+def test_a_forced_backend_takes_every_product(monkeypatch) -> None:
+    gemm.forget_choice()
+    monkeypatch.setenv(gemm.ENV_BACKEND, "float")
+    assert gemm.signed_products_fast("cpu")
+    gemm.forget_choice()
 
 
 @pytest.mark.gpu
