@@ -54,9 +54,12 @@ MIN_SPEEDUP = 0.8
 # share: their float32 alternative is torch's own convolution backward, which beats the
 # float32 product of im2col'd operands that the probe times.
 SIGNED_SPEEDUP = 0.6
-# Products smaller than this many multiply-adds run in float32 (exact for int8 codes
-# of K < 1040, and cheaper than an int8 call's fixed cost: oneDNN prepacks ``b``).
-MIN_INT8_MACS = 1 << 21
+# Below these many multiply-adds a product runs in float32 (torch's own convolution or
+# matmul, as the emulated engine), where an int8 call's fixed costs would eat its gain
+# (measured on the AVX2 machine: oneDNN's direct convolution already wins at 2**24, the
+# im2col products, which copy every window and prepack an operand, only near 2**28).
+MIN_DIRECT_MACS = 1 << 24
+MIN_INT8_MACS = 1 << 28
 ENV_BACKEND = "FEDLPT_INT8_BACKEND"
 
 _LOG = logging.getLogger(__name__)
@@ -171,6 +174,8 @@ def digits(b: Tensor, base_bits: int) -> list[Tensor]:
     ``[-2**base_bits, 2**base_bits)``; ``sum(d * 2**(base_bits * i))`` is ``b``. One
     digit when ``b`` already fits. Reads ``b``'s range back to the host.
     """
+    if b.dtype == torch.int8 and base_bits >= 7:
+        return [b]  # int8 fits one digit: no need to read its range
     wide = b.to(torch.int32)
     low, high = int(wide.min()), int(wide.max())
     limit = 1 << base_bits
@@ -375,12 +380,38 @@ def probe(device: torch.device | str = "cpu") -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Choice:
-    """What :func:`choose` found for a device: the backend, why, and whether its products
-    with a signed left operand (errors) beat float32 too (not where oneDNN saturates)."""
+    """What :func:`choose` found for a device: the backend, why, whether its products
+    with a signed left operand (errors) beat float32 too (not where oneDNN saturates),
+    and whether it was forced (then it takes every product, however small)."""
 
     backend: str
     why: str
     signed_fast: bool
+    forced: bool = False
+
+
+def product_backend(
+    device: torch.device | str, macs: int, *, direct: bool = False, signed: bool = False
+) -> str | None:
+    """The backend that should run a product of ``macs`` multiply-adds in int8 on
+    ``device``, or None where float32 is as fast (small products; signed ones where
+    :func:`signed_products_fast` says no; no fast int8 product at all).
+
+    Args:
+        direct: the product is a convolution oneDNN can run directly (non-negative
+            input), which pays from :data:`MIN_DIRECT_MACS`; others from
+            :data:`MIN_INT8_MACS`.
+        signed: its left operand is signed (an error).
+    """
+    device = torch.device(device)
+    choose(device)
+    choice = _CHOICE[device.type]
+    if choice.forced:
+        return choice.backend
+    if choice.backend == "float" or (signed and not choice.signed_fast):
+        return None
+    limit = MIN_DIRECT_MACS if direct and choice.backend == "onednn" else MIN_INT8_MACS
+    return choice.backend if macs >= limit else None
 
 
 def backend(device: torch.device | str = "cpu") -> str:
@@ -432,7 +463,7 @@ def _choice(device: torch.device) -> Choice:
                 f"{ENV_BACKEND}={forced!r}: that backend is not exact or not present on "
                 f"{device.type} here"
             )
-        return Choice(forced, f"forced by {ENV_BACKEND}", signed_fast=True)
+        return Choice(forced, f"forced by {ENV_BACKEND}", signed_fast=True, forced=True)
     return _pick(probe(device))
 
 

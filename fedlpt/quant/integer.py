@@ -37,6 +37,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from math import prod
 from typing import Any
 
 import torch
@@ -46,10 +47,11 @@ from torch import Tensor, nn
 from . import gemm
 from .bfp import BFP, draw_seed, stream_seed
 from .kernels import (
+    EXPONENT_MAX,
     power_of_two,
     relu_avg_pool_kernel,
     relu_round_tensor_kernel,
-    round_blocks,
+    round_blocks_kernel,
     round_tensor_kernel,
 )
 
@@ -149,16 +151,37 @@ class WeightCodes:
         return self._aligned
 
 
+_ON_GRID = "_fedlpt_on_grid"  # attribute of a parameter: (bits, block, version) it was rounded at
+
+
+def mark_on_grid(tensors: list[Tensor], fmt: BFP) -> None:
+    """Record that ``tensors`` were just rounded onto ``fmt``'s grid (by the optimizer
+    wrapper), so :func:`weight_codes` reads their codes without checking them; any later
+    in-place change moves their version and voids the mark."""
+    for tensor in tensors:
+        setattr(tensor, _ON_GRID, (fmt.bits, fmt.block, tensor._version))
+
+
 def weight_codes(weight: Tensor, fmt: BFP) -> WeightCodes | None:
-    """``weight``'s codes in ``fmt`` (tensor or row blocks), or None if it is off that grid."""
+    """``weight``'s codes in ``fmt`` (tensor or row blocks), or None if it is off that grid.
+
+    A weight the optimizer wrapper marked (:func:`mark_on_grid`) since its last change
+    is read without a check; any other is checked (one read back to the host).
+    """
     rows = weight.shape[0] if fmt.block == "row" and weight.dim() >= 2 else 1
     flat = weight.detach().to(torch.float32).reshape(rows, -1)
-    # Rounding to nearest returns grid values unchanged; anything else moves.
-    values, exponents, finite = round_blocks(flat, 0, 0, fmt.bits, False, False)
-    if not bool(finite) or not torch.equal(values, flat):
+    # Rounding grid values to nearest only reads their codes off.
+    codes, exponents, finite = round_blocks_kernel(flat, 0, 0, static=(fmt.bits, False, True))
+    # A NaN or an Inf gets the exponent of an infinite scale: it shows in the loss.
+    exponents = torch.where(finite, exponents, EXPONENT_MAX + 1 + (fmt.bits - 2))
+    found = WeightCodes(codes.view(weight.shape), exponents.view(-1), fmt.bits)
+    mark = getattr(weight, _ON_GRID, None)
+    if mark == (fmt.bits, fmt.block, weight._version):
+        return found
+    decoded = codes.to(torch.float32) * found.scale().view(-1, 1)
+    if not bool(finite) or not torch.equal(decoded, flat):
         return None
-    codes, _, _ = round_blocks(flat, 0, 0, fmt.bits, False, True)
-    return WeightCodes(codes.view(weight.shape), exponents.view(-1), fmt.bits)
+    return found
 
 
 @dataclass
@@ -176,11 +199,15 @@ class Layer:
     _weight_codes: WeightCodes | None = field(default=None, repr=False)
     _warned: bool = field(default=False, repr=False)
 
-    def signed_in_int8(self, like: Tensor) -> bool:
-        """Whether products whose left operand is signed (the error: input gradients)
-        run in int8 here: a named backend always, the chosen one where they are fast
-        (:func:`fedlpt.quant.gemm.signed_products_fast`); else torch's float32 ones."""
-        return self.backend is not None or gemm.signed_products_fast(like.device)
+    def int8(
+        self, like: Tensor, macs: int, *, direct: bool = False, signed: bool = False
+    ) -> str | None:
+        """The backend for a product of ``macs`` multiply-adds, or None: torch's float32
+        op (as emulated) is as fast there (:func:`fedlpt.quant.gemm.product_backend`).
+        A layer given a backend by name runs every product through it."""
+        if self.backend is not None:
+            return self.backend
+        return gemm.product_backend(like.device, macs, direct=direct, signed=signed)
 
     def codes_of_weight(self, weight: Tensor) -> WeightCodes | None:
         """The weight's codes, re-read whenever the weight changed (its version moved)."""
@@ -341,6 +368,17 @@ class ConvGeometry:
             lift(module.dilation, 1),
         )
 
+    def macs(self, input_shape: torch.Size, weight_shape: torch.Size) -> int:
+        """Multiply-adds of the convolution of ``input_shape`` with ``weight_shape``."""
+        n, _, h, w = input_shape
+        out_h, out_w = (
+            _out_size(size, k, s, p, d)
+            for size, k, s, p, d in zip(
+                (h, w), self.kernel, self.stride, self.padding, self.dilation, strict=True
+            )
+        )
+        return n * out_h * out_w * prod(weight_shape)
+
 
 def conv2d_codes(
     x: GridCodes,
@@ -472,6 +510,14 @@ def _restore(grid: GridCodes | None, tensor: Tensor | None) -> Tensor:
     return grid.values() if grid is not None else tensor  # type: ignore[return-value]
 
 
+def _conv_weight_codes(layer: Layer, weight: Tensor, dims: int) -> WeightCodes | None:
+    """The weight's codes as a 2-D convolution's (a Conv1d's get a height of 1)."""
+    codes = layer.codes_of_weight(weight)
+    if codes is not None and dims == 1:
+        codes = WeightCodes(codes.codes.unsqueeze(2), codes.exponents, codes.bits)
+    return codes
+
+
 class _IntegerConv(torch.autograd.Function):
     """Conv (one group) + bias + activation rounding; backward: error rounding + products."""
 
@@ -488,13 +534,16 @@ class _IntegerConv(torch.autograd.Function):
         # A Conv1d runs as a Conv2d of height 1.
         x2 = x if dims == 2 else x.unsqueeze(2)
         grid = grid_of(x2)
-        codes = layer.codes_of_weight(weight)
-        if codes is not None and dims == 1:
-            codes = WeightCodes(codes.codes.unsqueeze(2), codes.exponents, codes.bits)
         weight2 = weight if dims == 2 else weight.unsqueeze(2)
+        y = None
+        name = None
+        if grid is not None:
+            name = layer.int8(x, geometry.macs(x2.shape, weight2.shape), direct=grid.nonneg)
+        # The weight's codes are read only for a product that uses them.
+        codes = _conv_weight_codes(layer, weight, dims) if name is not None else None
         if grid is not None and codes is not None:
-            y = conv2d_codes(grid, codes, bias, geometry, layer.backend)
-        else:
+            y = conv2d_codes(grid, codes, bias, geometry, name)
+        if y is None:
             y = F.conv2d(x2, weight2, bias, geometry.stride, geometry.padding, geometry.dilation)
         out = layer.round_output(y)
         ctx.layer, ctx.geometry, ctx.dims = layer, geometry, dims
@@ -512,18 +561,22 @@ class _IntegerConv(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         error, e_grid = layer.round_error(grad2, want_codes=True)
         weight2 = weight if ctx.dims == 2 else weight.unsqueeze(2)
+        macs = geometry.macs(ctx.input_shape, weight2.shape)
         grad_x = grad_w = grad_b = None
         if need_b and ctx.has_bias:
             grad_b = error.sum(dim=(0, 2, 3))
         codes: WeightCodes | None = ctx.weight_codes
         if need_w and e_grid is not None and x_grid is not None:
-            grad_w = conv2d_weight_grad_codes(
-                x_grid, e_grid, weight2.shape, geometry, layer.backend
-            )
-        if need_x and e_grid is not None and codes is not None and layer.signed_in_int8(grad):
-            grad_x = conv2d_input_grad_codes(
-                e_grid, codes, ctx.input_shape, geometry, layer.backend
-            )
+            name = layer.int8(grad, macs)
+            if name is not None:
+                grad_w = conv2d_weight_grad_codes(x_grid, e_grid, weight2.shape, geometry, name)
+        if need_x and e_grid is not None and geometry.stride == (1, 1):
+            name = layer.int8(grad, macs, signed=True)
+            if name is not None and codes is None:
+                codes = _conv_weight_codes(layer, weight, ctx.dims)
+            if name is not None and codes is not None:
+                grad_x = conv2d_input_grad_codes(e_grid, codes, ctx.input_shape, geometry, name)
+        # What is left runs as the emulated engine runs it: torch's float32 backward.
         missing = [need_x and grad_x is None, need_w and grad_w is None, False]
         if any(missing):
             x_values = _restore(x_grid, saved_x) if missing[1] else error.new_empty(ctx.input_shape)
@@ -554,8 +607,10 @@ class _IntegerLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: Layer) -> Tensor:  # type: ignore[override]
         grid = grid_of(x)
-        codes = layer.codes_of_weight(weight)
         features = weight.shape[1]
+        macs = x.numel() * weight.shape[0]
+        name = layer.int8(x, macs) if grid is not None else None
+        codes = layer.codes_of_weight(weight) if name is not None else None
         if grid is not None and codes is not None:
             y = gemm.matmul_codes(
                 grid.codes.reshape(-1, features),
@@ -563,7 +618,7 @@ class _IntegerLinear(torch.autograd.Function):
                 scale=(grid.scale * codes.scale()).expand(weight.shape[0]),
                 bias=bias,
                 a_nonneg=grid.nonneg,
-                backend_name=layer.backend,
+                backend_name=name,
             ).view(*x.shape[:-1], weight.shape[0])
         else:
             y = F.linear(x, weight, bias)
@@ -585,36 +640,40 @@ class _IntegerLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if need_b and ctx.has_bias:
             grad_b = error2.sum(0)
-        if need_w:
-            if e_grid is not None and x_grid is not None:
-                grad_w = (
-                    gemm.matmul_codes(
-                        x_grid.codes.reshape(-1, in_features).t().contiguous(),
-                        e_grid.codes.reshape(-1, out_features).t().contiguous(),
-                        scale=(x_grid.scale * e_grid.scale).expand(out_features),
-                        a_nonneg=x_grid.nonneg,
-                        backend_name=layer.backend,
-                    )
-                    .t()
-                    .contiguous()
+        macs = error2.shape[0] * out_features * in_features
+        name = layer.int8(grad, macs) if e_grid is not None and x_grid is not None else None
+        if need_w and name is not None:
+            assert e_grid is not None and x_grid is not None
+            grad_w = (
+                gemm.matmul_codes(
+                    x_grid.codes.reshape(-1, in_features).t().contiguous(),
+                    e_grid.codes.reshape(-1, out_features).t().contiguous(),
+                    scale=(x_grid.scale * e_grid.scale).expand(out_features),
+                    a_nonneg=x_grid.nonneg,
+                    backend_name=name,
                 )
-            else:
-                grad_w = error2.t() @ _restore(x_grid, saved_x).reshape(-1, in_features)
+                .t()
+                .contiguous()
+            )
+        elif need_w:
+            grad_w = error2.t() @ _restore(x_grid, saved_x).reshape(-1, in_features)
         codes: WeightCodes | None = ctx.weight_codes
-        if need_x:
-            if e_grid is not None and codes is not None and layer.signed_in_int8(grad):
-                aligned, bottom = codes.aligned()
-                scale = e_grid.scale * power_of_two(
-                    torch.tensor([bottom - (codes.bits - 2)], dtype=torch.int32, device=grad.device)
-                )
-                grad_x = gemm.matmul_codes(
-                    e_grid.codes.reshape(-1, out_features),
-                    aligned.t().contiguous(),
-                    scale=scale.expand(in_features),
-                    backend_name=layer.backend,
-                ).view(ctx.input_shape)
-            else:
-                grad_x = (error2 @ weight).view(ctx.input_shape)
+        name = layer.int8(grad, macs, signed=True) if need_x and e_grid is not None else None
+        if name is not None and codes is None:
+            codes = layer.codes_of_weight(weight)
+        if need_x and e_grid is not None and codes is not None and name is not None:
+            aligned, bottom = codes.aligned()
+            scale = e_grid.scale * power_of_two(
+                torch.tensor([bottom - (codes.bits - 2)], dtype=torch.int32, device=grad.device)
+            )
+            grad_x = gemm.matmul_codes(
+                e_grid.codes.reshape(-1, out_features),
+                aligned.t().contiguous(),
+                scale=scale.expand(in_features),
+                backend_name=name,
+            ).view(ctx.input_shape)
+        if need_x and grad_x is None:
+            grad_x = (error2 @ weight).view(ctx.input_shape)
         return grad_x, grad_w, grad_b, None
 
 

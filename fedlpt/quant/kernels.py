@@ -233,8 +233,12 @@ class _Kernel:
     OpenMP loop at all), and nothing would recompile it when the count changes.
     """
 
-    def __init__(self, function: Callable[..., Any]) -> None:
+    def __init__(self, function: Callable[..., Any], *, static_shapes: bool = False) -> None:
         self.function = function
+        # Compiled for each shape anew (a model has a few), seeds still symbolic: a
+        # kernel whose windows are indexed by symbolic sizes is not vectorized
+        # (measured 10x slower).
+        self.static_shapes = static_shapes
         self.variants: dict[tuple[Any, ...], Callable[..., Any]] = {}
         self.broken = os.environ.get("FEDLPT_EAGER", "") not in ("", "0")
 
@@ -252,6 +256,10 @@ class _Kernel:
                     fixed = _with_static(self.function, static, threads=key[-1])
                     variant = torch.compile(fixed, fullgraph=True)
                     self.variants[key] = variant
+                if self.static_shapes:
+                    for arg in args:
+                        if isinstance(arg, Tensor):
+                            torch._dynamo.mark_static(arg)
                 return variant(*args)
             except Exception as err:  # no compiler, an unsupported device or backend
                 self.broken = True
@@ -299,7 +307,7 @@ round_block_list_kernel = _Kernel(round_block_list)
 round_block_list_inplace_kernel = _Kernel(round_block_list_)
 round_tensor_kernel = _Kernel(round_tensor)
 relu_round_tensor_kernel = _Kernel(relu_round_tensor)
-relu_avg_pool_kernel = _Kernel(relu_avg_pool)
+relu_avg_pool_kernel = _Kernel(relu_avg_pool, static_shapes=True)
 _KERNELS = (
     round_blocks_kernel,
     round_values_kernel,

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from . import gemm
 from .bfp import BFP, BlockKind, draw_seed, quantize, quantize_tensors_
-from .integer import MAX_BITS, prepare_integer, unprepare_integer
+from .integer import MAX_BITS, mark_on_grid, prepare_integer, unprepare_integer
 
 # Modules after which the paper quantizes the activation (and, backwards, the error).
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -432,7 +432,10 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _quantize_params(self, fmt: BFP | None) -> None:
         if fmt is not None:
-            quantize_tensors_(self._params(), fmt, self.generator, check=False)
+            params = self._params()
+            quantize_tensors_(params, fmt, self.generator, check=False)
+            # The integer engine then reads their codes without checking them.
+            mark_on_grid(params, fmt)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
