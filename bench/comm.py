@@ -58,6 +58,7 @@ from bench.paper import (
     make_jobs,
     mean_curve,
     run_all,
+    run_tag,
 )
 
 MB = 1e6  # as fedlpt.results
@@ -346,7 +347,7 @@ def main() -> None:
     unknown = sorted(set(names) - set(CONFIGS))
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
-    tag = f"{args.scale}{'-quick' if args.quick else ''}-alpha{args.alpha:g}"
+    tag = run_tag(args)
     tag += f"-rounds{args.rounds}" if args.rounds else ""
     jobs = make_jobs(names, scale, args.out / tag, args, CONFIGS)
     started = time.perf_counter()
@@ -388,6 +389,7 @@ def main() -> None:
         {
             **figures(summary),
             "alpha": args.alpha,
+            "engine": args.engine,
             "clients": scale.clients,
             "rounds": scale.rounds,
             "seeds": len(scale.seeds),

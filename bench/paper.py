@@ -19,6 +19,10 @@ whose folder already holds a checkpoint continues from it, so a run cut short by
 ``--time-limit`` (or anything else) can be finished by running the same command again.
 
     python -m bench.paper [--quick] [--scale cpu|paper] [--configs b8_ema,fp32,...]
+                          [--engine auto|integer|emulated]
+
+``b8_ema_row`` (8 bits + EMA with one exponent per output channel, which the integer
+engine multiplies in int8) runs only when named.
 """
 
 from __future__ import annotations
@@ -53,7 +57,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "b8": {"bits": 8, "ema": False},
     "b6_ema": {"bits": 6, "ema": True},
     "b8_ema_warmup": {"bits": 8, "ema": True, "ema-warmup": 10},
+    # One exponent per output channel instead of per kernel: the block the integer engine
+    # multiplies in int8 (kernel blocks put exponents along every product's reduction).
+    "b8_ema_row": {"bits": 8, "ema": True, "block": "row"},
 }
+# Run only when named (--configs): not the paper's table.
+EXTRA_CONFIGS = ("b8_ema_row",)
 LABELS = {
     "fp32": "32 bit, no EMA",
     "fp32_ema": "32 bit + EMA",
@@ -61,6 +70,7 @@ LABELS = {
     "b8": "8 bit, no EMA",
     "b6_ema": "6 bit + EMA",
     "b8_ema_warmup": "8 bit + EMA, warm-up 10",
+    "b8_ema_row": "8 bit + EMA, row blocks",
 }
 # The paper's setup (conf/paper-fmnist.toml says the same).
 PAPER_SETUP = {
@@ -116,6 +126,7 @@ def run_config(
     device: str,
     data_dir: str = "",
     configs: Mapping[str, Mapping[str, Any]] = CONFIGS,
+    engine: str = "auto",
 ) -> dict[str, Any]:
     """The run config of one run: the paper's setup with ``configs[name]`` on top."""
     return {
@@ -128,6 +139,7 @@ def run_config(
         "train-examples": scale.train_examples,
         "test-examples": scale.test_examples,
         "device": device,
+        "engine": engine,
     }
 
 
@@ -205,6 +217,13 @@ def _summary(job: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_tag(args: argparse.Namespace) -> str:
+    """The folder of a bench's runs under ``--out``: scale, alpha and, when named, the
+    engine (so that runs of different engines are never resumed from each other)."""
+    tag = f"{args.scale}{'-quick' if args.quick else ''}-alpha{args.alpha:g}"
+    return tag + (f"-{args.engine}" if args.engine != "auto" else "")
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
     """The options every FMNIST federation bench shares: scale, data, processes, folders."""
     parser.add_argument("--quick", action="store_true", help="one seed, fewer rounds (CPU scale)")
@@ -212,6 +231,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
     parser.add_argument("--configs", default="", help="comma-separated subset of the configs")
     parser.add_argument("--alpha", type=float, default=0.01)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "integer", "emulated"),
+        default="auto",
+        help="the clients' low-precision engine (a named one gets run folders of its own)",
+    )
     parser.add_argument("--data-dir", default="", help="a folder of the FMNIST IDX files")
     parser.add_argument("--workers", type=int, default=0, help="ClientApp processes per run")
     parser.add_argument("--parallel", type=int, default=min(2, os.cpu_count() or 1))
@@ -237,7 +262,7 @@ def make_jobs(
             "workers": args.workers,
             "folder": str(folder / f"{name}-seed{seed}"),
             "run_config": run_config(
-                name, scale, seed, args.alpha, args.device, args.data_dir, configs
+                name, scale, seed, args.alpha, args.device, args.data_dir, configs, args.engine
             ),
         }
         for name in names
@@ -263,12 +288,16 @@ def main() -> None:
     names = (
         args.configs.split(",")
         if args.configs
-        else [n for n in CONFIGS if n != "b8_ema_warmup" or args.scale == "cpu"]
+        else [
+            n
+            for n in CONFIGS
+            if n not in EXTRA_CONFIGS and (n != "b8_ema_warmup" or args.scale == "cpu")
+        ]
     )
     unknown = sorted(set(names) - set(CONFIGS))
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
-    tag = f"{args.scale}{'-quick' if args.quick else ''}-alpha{args.alpha:g}"
+    tag = run_tag(args)
     jobs = make_jobs(names, scale, args.out / tag, args)
     started = time.perf_counter()
     results = run_all(jobs, args.parallel)
@@ -313,6 +342,7 @@ def report(results, names, scale: Scale, args, tag: str, wall: float) -> None:
     figures.update(upload_bytes_per_client())
     figures.update(
         alpha=args.alpha,
+        engine=args.engine,
         clients=scale.clients,
         rounds=scale.rounds,
         seeds=len(scale.seeds),

@@ -9,29 +9,44 @@
    pair, so that a 128-value call is not always timed right after a model's worth of
    memory traffic); and the first call's compile time.
 2. **Training step**: one full step (zero_grad, forward, backward, optimizer step) of
-   the 28x28 ConvNet (batch 32, Adam) and of the 8x8 digits ConvNet, 8-bit recipe against
-   FP32, each built by ``fedlpt.task.LocalTrainer``, interleaved (the order shuffled every
-   round, after a warm-up), at 1 and 2 torch threads on the CPU and on CUDA when present.
+   the 28x28 ConvNet (batch 32, Adam) and of the 8x8 digits ConvNet, the 8-bit recipe on
+   the emulated engine (LPT8) and on the integer engine (INT8) against FP32, each built
+   by ``fedlpt.task.LocalTrainer``, interleaved (the order shuffled every round, after a
+   warm-up), at 1 and 2 torch threads on the CPU and on CUDA when present.
 3. **Where the step's time goes**, at 1 thread: the 8-bit recipe against FP32 and against
    itself with one part changed, interleaved: activations and errors rounded to nearest
    (what a free dither would leave), the optimizer wrapper alone (weights and gradients),
    the activation/error quantizers alone.
-4. **Accuracy** on digits (8x8 ConvNet) after training on the whole train pool for a
-   fixed number of epochs: FP32 and 8-, 6- and 4-bit recipes (row blocks) and 8-bit
-   with kernel blocks (the paper's "BC"); mean over seeds 0, 1, 2.
+4. **Memory held for backward** after one forward pass of the 28x28 ConvNet at batch
+   256, per engine: the bytes autograd keeps (its saved-tensor hooks, parameters
+   excluded), and the resident set before and after the pass in a fresh process (glibc
+   made to hand big blocks back, so freed memory does not count).
+5. **Accuracy** on digits (8x8 ConvNet) after training on the whole train pool for a
+   fixed number of epochs: FP32 and 8-, 6- and 4-bit recipes (row blocks) on both
+   engines, and 8-bit with kernel blocks (the paper's "BC", emulated only); mean over
+   seeds 0, 1, 2.
+6. **A ClientApp round**: ``fedlpt.client_app.train`` on one node's Fashion-MNIST
+   partition (digits where Debian's ``dataset-fashion-mnist`` is absent): decode,
+   train an epoch, encode the reply; FP32 against 8-bit on each engine, interleaved.
 
 Upload sizes are measured by ``bench.codec``.
 
     python -m bench.training [--quick]
+
+``--engine-probe`` and ``--memory-probe`` are the subprocesses of sections 4 and 6.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+import os
 import random
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -41,21 +56,31 @@ from bench._common import print_json, print_table
 from fedlpt import allocator
 from fedlpt.data import load_centralized_test, load_partition
 from fedlpt.models import ConvNet
-from fedlpt.quant import BFP, kernels, quantize, quantize_tensors, quantize_tensors_
-from fedlpt.quant.training import LowPrecision
+from fedlpt.quant import BFP, gemm, kernels, quantize, quantize_tensors, quantize_tensors_
+from fedlpt.quant.training import LowPrecision, LowPrecisionOptimizer, prepare, select_engine
 from fedlpt.task import LocalTrainer, evaluate, train
 
 BATCH = 32
 LR = 1e-3
 SEEDS = (0, 1, 2)
-# (JSON key suffix, label, bits, block) of the accuracy comparison.
+# (JSON key suffix, label, bits, block, engine) of the accuracy comparison.
 ACC_RECIPES = (
-    ("fp32", "FP32", None, "row"),
-    ("lpt8", "LPT8 block=row", 8, "row"),
-    ("lpt6", "LPT6 block=row", 6, "row"),
-    ("lpt4", "LPT4 block=row", 4, "row"),
-    ("lpt8_kernel", "LPT8 block=kernel", 8, "kernel"),
+    ("fp32", "FP32", None, "row", "emulated"),
+    ("lpt8", "LPT8 block=row", 8, "row", "emulated"),
+    ("int8", "LPT8 block=row, integer engine", 8, "row", "integer"),
+    ("lpt6", "LPT6 block=row", 6, "row", "emulated"),
+    ("int6", "LPT6 block=row, integer engine", 6, "row", "integer"),
+    ("lpt4", "LPT4 block=row", 4, "row", "emulated"),
+    ("int4", "LPT4 block=row, integer engine", 4, "row", "integer"),
+    ("lpt8_kernel", "LPT8 block=kernel", 8, "kernel", "emulated"),
 )
+# The engines a step is timed on: (name in the tables and JSON, recipe, engine).
+STEP_ENGINES = (
+    ("fp32", LowPrecision(), "emulated"),
+    ("lpt8", LowPrecision.uniform(8), "emulated"),
+    ("int8", LowPrecision.uniform(8), "integer"),
+)
+MEMORY_BATCH = 256
 
 
 def torch_chain(x: torch.Tensor, bits: int, block_rows: bool) -> torch.Tensor:
@@ -149,15 +174,13 @@ def quantizer_costs(device: torch.device, repeats: int) -> dict[str, float]:
 
 @dataclasses.dataclass(frozen=True)
 class StepTiming:
-    """One training step, LPT8 against FP32: medians of the interleaved turns."""
+    """One training step of a recipe against FP32: medians of the interleaved turns."""
 
-    fp32_ms: float
-    lpt8_ms: float
+    ms: float
     ratio: float  # of the wall medians
     paired: float  # median of the turn-by-turn wall ratios
     cpu_ratio: float  # of the CPU-time medians
-    faults_fp32: float  # minor page faults per step (kernel-zeroed pages)
-    faults_lpt8: float
+    faults: float  # minor page faults per step (kernel-zeroed pages)
 
 
 def _faults_per_step(step: Callable[[], object], steps: int = 5) -> float:
@@ -173,9 +196,13 @@ def _faults_per_step(step: Callable[[], object], steps: int = 5) -> float:
 
 
 def _training_steps(
-    device: torch.device, image_size: int, recipes: dict[str, LowPrecision]
+    device: torch.device,
+    image_size: int,
+    recipes: dict[str, LowPrecision],
+    engines: dict[str, str] | None = None,
 ) -> dict[str, Callable[[], object]]:
-    """One ``LocalTrainer.step`` per recipe, on the same batch and the same initial model."""
+    """One ``LocalTrainer.step`` per recipe (on its engine, emulated by default), on the
+    same batch and the same initial model."""
     generator = torch.Generator().manual_seed(123)
     images = torch.randn(BATCH, 1, image_size, image_size, generator=generator).to(device)
     labels = torch.randint(0, 10, (BATCH,), generator=generator).to(device)
@@ -184,28 +211,36 @@ def _training_steps(
         torch.manual_seed(0)
         model = ConvNet(1, 10, image_size).to(device)
         trainer = LocalTrainer(
-            model, recipe, lr=LR, generator=torch.Generator(device).manual_seed(0)
+            model,
+            recipe,
+            lr=LR,
+            generator=torch.Generator(device).manual_seed(0),
+            engine=(engines or {}).get(name, "emulated"),
         )
         steps[name] = lambda t=trainer: t.step(images, labels)
     return steps
 
 
-def step_ratio(device: torch.device, image_size: int, repeats: int) -> StepTiming:
-    """One training step of the LPT8 recipe against FP32 on ``device``."""
+def step_ratios(device: torch.device, image_size: int, repeats: int) -> dict[str, StepTiming]:
+    """One training step of every :data:`STEP_ENGINES` entry, interleaved, against FP32."""
     sync = _sync(device)
-    recipes = {"fp32": LowPrecision(), "lpt8": LowPrecision.uniform(8)}
-    steps = _training_steps(device, image_size, recipes)
+    recipes = {name: recipe for name, recipe, _ in STEP_ENGINES}
+    engines = {name: engine for name, _, engine in STEP_ENGINES}
+    steps = _training_steps(device, image_size, recipes, engines)
     medians, times, cpu = interleaved(steps, repeats, sync)
-    paired = statistics.median(q / f for q, f in zip(times["lpt8"], times["fp32"], strict=True))
-    return StepTiming(
-        fp32_ms=medians["fp32"] * 1e3,
-        lpt8_ms=medians["lpt8"] * 1e3,
-        ratio=medians["lpt8"] / medians["fp32"],
-        paired=paired,
-        cpu_ratio=statistics.median(cpu["lpt8"]) / statistics.median(cpu["fp32"]),
-        faults_fp32=_faults_per_step(steps["fp32"]),
-        faults_lpt8=_faults_per_step(steps["lpt8"]),
-    )
+    cpu_fp32 = statistics.median(cpu["fp32"])
+    return {
+        name: StepTiming(
+            ms=medians[name] * 1e3,
+            ratio=medians[name] / medians["fp32"],
+            paired=statistics.median(
+                q / f for q, f in zip(times[name], times["fp32"], strict=True)
+            ),
+            cpu_ratio=statistics.median(cpu[name]) / cpu_fp32,
+            faults=_faults_per_step(steps[name]),
+        )
+        for name in steps
+    }
 
 
 # What an LPT8 step costs made of: the full recipe with one part changed or left out.
@@ -233,13 +268,73 @@ def step_breakdown(device: torch.device, image_size: int, repeats: int) -> dict[
     return {name: medians[name] / medians["fp32"] for name in BREAKDOWN}
 
 
+def saved_megabytes(recipe: LowPrecision, engine: str, batch: int = MEMORY_BATCH) -> float:
+    """MB autograd holds for backward after one forward pass of the 28x28 ConvNet
+    (parameters excluded; each storage once)."""
+    torch.manual_seed(0)
+    model = ConvNet(1, 10, 28)
+    generator = torch.Generator().manual_seed(0)
+    LowPrecisionOptimizer(torch.optim.Adam(model.parameters()), recipe, generator)
+    prepare(model, recipe, generator, engine=engine)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    images = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(images)
+    return sum(storages.values()) / 2**20
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_probe(name: str) -> dict[str, float]:
+    """Resident MB that one forward pass adds (this process, run by :func:`resident_growth`)."""
+    torch.set_num_threads(1)
+    recipe, engine = {key: (r, e) for key, r, e in STEP_ENGINES}[name]
+    torch.manual_seed(0)
+    model = ConvNet(1, 10, 28)
+    generator = torch.Generator().manual_seed(0)
+    optimizer = LowPrecisionOptimizer(torch.optim.Adam(model.parameters()), recipe, generator)
+    prepare(model, recipe, generator, engine=engine)
+    images = torch.randn(MEMORY_BATCH, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 10, (MEMORY_BATCH,), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):  # compile the kernels, size every buffer
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    before = _resident_mb()
+    out = model(images)
+    after = _resident_mb()
+    del out
+    return {"before": before, "after": after, "held": after - before}
+
+
+def resident_growth(name: str) -> dict[str, float]:
+    """:func:`memory_probe` in a fresh process, glibc handing every block above 64 KiB
+    back to the system when freed (so the growth is what the pass holds)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "FEDLPT_HOLD_MEMORY": "0"}
+    command = [sys.executable, "-m", "bench.training", "--memory-probe", name]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def accuracy_runs(epochs: int) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Test accuracy (percent) per seed and total training seconds of every ACC_RECIPES entry."""
     test_loader = load_centralized_test("digits", batch_size=256)
     accs: dict[str, list[float]] = {key: [] for key, *_ in ACC_RECIPES}
     seconds: dict[str, float] = dict.fromkeys(accs, 0.0)
     for seed in SEEDS:
-        for key, _, bits, block in ACC_RECIPES:
+        for key, _, bits, block, engine in ACC_RECIPES:
             # One partition of the whole train pool, none of it held out.
             train_loader, _ = load_partition(
                 "digits", 0, 1, alpha=1.0, partitioner="iid", seed=seed, batch_size=BATCH
@@ -248,17 +343,94 @@ def accuracy_runs(epochs: int) -> tuple[dict[str, list[float]], dict[str, float]
             model = ConvNet(1, 10, 8)
             recipe = LowPrecision.uniform(bits, block=block)  # type: ignore[arg-type]
             start = time.perf_counter()
-            train(model, train_loader, recipe=recipe, epochs=epochs, lr=LR, seed=seed)
+            train(
+                model, train_loader, recipe=recipe, epochs=epochs, lr=LR, seed=seed, engine=engine
+            )
             seconds[key] += time.perf_counter() - start
             _, accuracy, _ = evaluate(model, test_loader)
             accs[key].append(100.0 * accuracy)
     return accs, seconds
 
 
+def _client_dataset() -> str:
+    from fedlpt.data.catalog import dataset_info
+    from fedlpt.data.sources import debian_folder
+
+    return "fmnist" if debian_folder(dataset_info("fmnist")) is not None else "digits"
+
+
+def client_rounds(repeats: int, examples: int) -> tuple[str, dict[str, float], dict[str, float]]:
+    """Median seconds of a ClientApp train round (decode, train one epoch, encode) of each
+    of :data:`STEP_ENGINES`, interleaved, and their CPU seconds; and the dataset used.
+
+    Each recipe's node is a ``fedlpt.inprocess.LocalGrid`` of one node: the message
+    crosses Flower's serialization both ways, as a SuperNode's does.
+    """
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from fedlpt import protocol
+    from fedlpt.client_app import app as client_app
+    from fedlpt.config import default_run_config
+    from fedlpt.inprocess import LocalGrid
+    from fedlpt.task import build_model
+
+    dataset = _client_dataset()
+    torch.manual_seed(0)
+    state = build_model(dataset, "convnet").state_dict()
+    rounds: dict[str, Callable[[], object]] = {}
+    for name, recipe, engine in STEP_ENGINES:
+        bits = 32 if recipe.is_fp32 else 8
+        run_config = {
+            **default_run_config(),
+            "dataset": dataset,
+            "bits": bits,
+            "engine": engine,
+            "train-examples": examples,
+        }
+        grid = LocalGrid(client_app, [{"partition-id": 0, "num-partitions": 1}], run_config)
+        config = ConfigRecord({protocol.SERVER_ROUND: 1})
+        protocol.write_upload_format(config, None if bits == 32 else BFP(bits, "row"))
+
+        def one_round(grid: LocalGrid = grid, config: ConfigRecord = config) -> None:
+            content = RecordDict(
+                {protocol.ARRAY_RECORD: ArrayRecord(state), protocol.CONFIG_RECORD: config}
+            )
+            message = grid.create_message(content, "train", grid.node_ids[0], "1")
+            (reply,) = grid.send_and_receive([message])
+            if reply.has_error():
+                raise RuntimeError(f"the ClientApp failed: {reply.error.reason}")
+
+        rounds[name] = one_round
+    medians, _, cpu = interleaved(rounds, repeats, lambda: None)
+    return dataset, medians, {name: statistics.median(v) for name, v in cpu.items()}
+
+
+def engine_probe() -> dict[str, str]:
+    """What ``engine = "auto"`` picks for the 8-bit recipe in a fresh process (1 thread)."""
+    torch.set_num_threads(1)
+    engine, why = select_engine(LowPrecision.uniform(8), "auto", "cpu")
+    return {"engine": engine, "why": why, "backend": gemm.backend("cpu")}
+
+
+def _probe_process(*arguments: str) -> str:
+    """The last line a fresh ``python -m bench.training ARGUMENTS`` prints."""
+    command = [sys.executable, "-m", "bench.training", *arguments]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and epochs")
+    parser.add_argument("--memory-probe", choices=[n for n, *_ in STEP_ENGINES], help="internal")
+    parser.add_argument("--engine-probe", action="store_true", help="internal")
     args = parser.parse_args()
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe)))
+        return
+    if args.engine_probe:
+        print(json.dumps(engine_probe()))
+        return
     repeats, epochs = (30, 3) if args.quick else (100, 10)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     figures: dict[str, object] = {"epochs": epochs, "compiled": True}
@@ -303,30 +475,31 @@ def main() -> None:
     for device, threads in settings:
         torch.set_num_threads(threads)
         for image_size, key in ((28, ""), (8, "_digits")):
-            step = step_ratio(device, image_size, repeats)
-            rows.append(
-                [
-                    device.type,
-                    threads,
-                    f"{image_size}x{image_size}",
-                    step.fp32_ms,
-                    step.lpt8_ms,
-                    step.ratio,
-                    step.paired,
-                    step.cpu_ratio,
-                    step.faults_fp32,
-                    step.faults_lpt8,
-                ]
-            )
+            timings = step_ratios(device, image_size, repeats)
             tag = (
                 key
                 + ("" if device.type == "cpu" else "_cuda")
                 + ("" if threads == 1 else f"_{threads}threads")
             )
-            figures[f"step_lpt8_vs_fp32{tag}"] = round(step.ratio, 3)
-            figures[f"step_lpt8_vs_fp32_cpu_time{tag}"] = round(step.cpu_ratio, 3)
-            figures[f"step_fp32_ms{tag}"] = round(step.fp32_ms, 3)
-            figures[f"step_page_faults_lpt8{tag}"] = step.faults_lpt8
+            for name, step in timings.items():
+                rows.append(
+                    [
+                        device.type,
+                        threads,
+                        f"{image_size}x{image_size}",
+                        {"fp32": "FP32", "lpt8": "LPT8 emulated", "int8": "LPT8 integer"}[name],
+                        step.ms,
+                        step.ratio,
+                        step.paired,
+                        step.cpu_ratio,
+                        step.faults,
+                    ]
+                )
+                figures[f"step_{name}_ms{tag}"] = round(step.ms, 3)
+                if name != "fp32":
+                    figures[f"step_{name}_vs_fp32{tag}"] = round(step.ratio, 3)
+                    figures[f"step_{name}_vs_fp32_cpu_time{tag}"] = round(step.cpu_ratio, 3)
+                    figures[f"step_page_faults_{name}{tag}"] = step.faults
     torch.set_num_threads(1)
     print(f"Training step, ConvNet, batch {BATCH}, Adam: median of {repeats} interleaved steps")
     print_table(
@@ -334,19 +507,52 @@ def main() -> None:
             "device",
             "threads",
             "images",
-            "FP32 ms",
-            "LPT8 ms",
+            "recipe",
+            "ms",
             "x FP32",
             "x FP32 (paired)",
             "x FP32 (CPU time)",
-            "FP32 faults",
-            "LPT8 faults",
+            "faults",
         ],
         rows,
     )
     print(
         "faults: minor page faults per step (pages the kernel zeroes); freed memory held: "
-        f"{allocator.is_held()} (fedlpt.allocator)"
+        f"{allocator.is_held()} (fedlpt.allocator); int8 products: "
+        f"{gemm.choose('cpu')[1]}"
+    )
+    print()
+
+    chosen = json.loads(_probe_process("--engine-probe"))
+    figures["engine_selected"] = chosen["engine"]
+    figures["int8_backend"] = chosen["backend"]
+    print(f"engine = 'auto' picks, in a fresh process: {chosen['engine']} ({chosen['why']})")
+    print()
+
+    rows = []
+    saved = {name: saved_megabytes(recipe, engine) for name, recipe, engine in STEP_ENGINES}
+    resident = {name: resident_growth(name) for name, _, _ in STEP_ENGINES}
+    for name, _, _ in STEP_ENGINES:
+        rows.append(
+            [
+                {"fp32": "FP32", "lpt8": "LPT8 emulated", "int8": "LPT8 integer"}[name],
+                saved[name],
+                saved[name] / saved["fp32"],
+                resident[name]["held"],
+                resident[name]["held"] / resident["fp32"]["held"],
+            ]
+        )
+        if name != "fp32":
+            figures[f"activation_memory_{name}_vs_fp32"] = round(
+                resident[name]["held"] / resident["fp32"]["held"], 3
+            )
+            figures[f"saved_tensors_{name}_vs_fp32"] = round(saved[name] / saved["fp32"], 3)
+        figures[f"activation_memory_{name}_mb"] = round(resident[name]["held"], 1)
+    print(f"Memory held for backward after one forward pass, ConvNet 28x28, batch {MEMORY_BATCH}")
+    print_table(["recipe", "saved tensors MB", "x FP32", "resident growth MB", "x FP32"], rows)
+    print(
+        "saved tensors: what autograd keeps (its saved-tensor hooks, parameters excluded); "
+        "resident growth: a fresh process's resident set across the pass"
     )
     print()
 
@@ -388,11 +594,30 @@ def main() -> None:
         f"{epochs} epochs over the whole train pool"
     )
     rows = []
-    for key, label, _, _ in ACC_RECIPES:
+    for key, label, *_ in ACC_RECIPES:
         mean = statistics.mean(accs[key])
         rows.append([label, *accs[key], mean, seconds[key]])
         figures[f"acc_{key}"] = round(mean, 2)
     print_table(["recipe", *(f"seed {s}" for s in SEEDS), "mean", "train s (all seeds)"], rows)
+    print()
+
+    examples = 640 if args.quick else 3200
+    dataset, medians, cpu = client_rounds(5 if args.quick else 15, examples)
+    rows = []
+    for name, _, _ in STEP_ENGINES:
+        label = {"fp32": "FP32", "lpt8": "LPT8 emulated", "int8": "LPT8 integer"}[name]
+        rows.append(
+            [label, medians[name], medians[name] / medians["fp32"], cpu[name] / cpu["fp32"]]
+        )
+        figures[f"client_round_{name}_s"] = round(medians[name], 3)
+        if name != "fp32":
+            figures[f"client_round_{name}_vs_fp32"] = round(medians[name] / medians["fp32"], 3)
+    print(
+        f"A ClientApp train round (decode, one epoch over {examples} {dataset} images, "
+        "encode), 1 thread, medians of interleaved rounds"
+    )
+    print_table(["recipe", "seconds", "x FP32", "x FP32 (CPU time)"], rows)
+    figures["client_round_dataset"] = dataset
     figures["compiled"] = kernels.compiled()
     figures["freed_memory_held"] = allocator.is_held()
     figures["device"] = ",".join(d.type for d in devices)
