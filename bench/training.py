@@ -322,7 +322,13 @@ def memory_probe(name: str) -> dict[str, float]:
 def resident_growth(name: str) -> dict[str, float]:
     """:func:`memory_probe` in a fresh process, glibc handing every block above 64 KiB
     back to the system when freed (so the growth is what the pass holds)."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "FEDLPT_HOLD_MEMORY": "0"}
+    # Eager rounding (no compile: the same tensors are kept, in seconds instead of a minute).
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "FEDLPT_HOLD_MEMORY": "0",
+        "FEDLPT_EAGER": "1",
+    }
     command = [sys.executable, "-m", "bench.training", "--memory-probe", name]
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -25,7 +25,7 @@ from typing import Any
 from .data.catalog import DATASET_NAMES, PARTITIONER_NAMES
 from .quant.bfp import ROUNDINGS, check_bits, parse_block
 from .quant.entropy import COMPRESSIONS
-from .quant.training import ENGINES
+from .quant.training import ENGINES, LowPrecision, integer_blockers
 from .strategy.registry import COMMON_PARAMS, STRATEGIES, WEIGHTINGS, strategy_key
 
 STRATEGY_PREFIX = "strategy."
@@ -327,6 +327,17 @@ class AppConfig:
 
     def _check_together(self) -> None:
         """Rules that involve several keys."""
+        if self.engine == "integer":
+            recipe = LowPrecision.from_roles(
+                self.role_bits(), block=self.block_kind, rounding=self.rounding
+            )
+            blockers = integer_blockers(recipe)
+            if blockers:
+                raise ConfigError(
+                    "run-config engine = 'integer' cannot run this recipe: "
+                    + "; ".join(blockers)
+                    + " (engine = 'auto' runs it on the emulated engine)"
+                )
         if self.partitioner == "iid":
             return
         if not self.alpha > 0:

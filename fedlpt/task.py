@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from . import allocator, models
 from .data.catalog import dataset_info
-from .quant.bfp import BFP, BlockKind
+from .quant.bfp import BlockKind
 from .quant.training import LowPrecision, LowPrecisionOptimizer, prepare, unprepare
 
 OPTIMIZERS = ("adam", "sgd")
@@ -261,23 +261,9 @@ def make_recipe(
     rounding: str,
     quantize_optimizer_state: bool = False,
 ) -> LowPrecision:
-    """The paper's recipe from one word length per role (``weight``, ``activation``,
-    ``error``, ``gradient``; 32: FP32).
-
-    Weights, gradients (and optimizer state, when asked) share ``block``; activations and
-    errors take one exponent per tensor, as in the paper.
-    """
-
-    def fmt(role_bits: int, kind: BlockKind) -> BFP | None:
-        return None if role_bits == 32 else BFP(role_bits, kind, rounding)  # type: ignore[arg-type]
-
-    weight = fmt(bits["weight"], block)
-    return LowPrecision(
-        weight=weight,
-        activation=fmt(bits["activation"], "tensor"),
-        error=fmt(bits["error"], "tensor"),
-        gradient=fmt(bits["gradient"], block),
-        optimizer_state=weight if quantize_optimizer_state else None,
+    """The paper's recipe from one word length per role: :meth:`LowPrecision.from_roles`."""
+    return LowPrecision.from_roles(
+        bits, block=block, rounding=rounding, quantize_optimizer_state=quantize_optimizer_state
     )
 
 

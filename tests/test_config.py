@@ -89,6 +89,13 @@ def test_strategy_parameters_come_from_the_chosen_strategys_table() -> None:
         ({"partitioner": "shards"}, "partitioner = 'shards' must be one of"),
         ({"upload-rounding": "floor"}, "upload-rounding = 'floor' must be one of"),
         ({"downlink-block": "channel"}, "downlink-block = 'channel' must be 'tensor', 'row'"),
+        ({"engine": "fast"}, r"engine = 'fast' must be one of \['auto', 'integer', 'emulated'\]"),
+        (
+            {"engine": "integer", "block": "kernel"},
+            "engine = 'integer' cannot run this recipe: weight block 'kernel' puts exponents",
+        ),
+        ({"engine": "integer", "bits": 16}, "activation bits 16 > 8"),
+        ({"engine": "integer", "weight-bits": 32}, "the weights are FP32"),
     ],
 )
 def test_bad_values_raise_config_errors_naming_the_key(override: dict, match: str) -> None:

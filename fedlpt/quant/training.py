@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from itertools import pairwise
 from math import prod
@@ -99,6 +99,34 @@ class LowPrecision:
             error=tensor_fmt,
             gradient=param_fmt,
             optimizer_state=param_fmt if quantize_optimizer_state else None,
+        )
+
+    @classmethod
+    def from_roles(
+        cls,
+        bits: Mapping[str, int],
+        *,
+        block: BlockKind,
+        rounding: str,
+        quantize_optimizer_state: bool = False,
+    ) -> LowPrecision:
+        """The paper's recipe from one word length per role (``weight``, ``activation``,
+        ``error``, ``gradient``; 32: FP32).
+
+        Weights, gradients (and optimizer state, when asked) share ``block``; activations
+        and errors take one exponent per tensor, as in the paper.
+        """
+
+        def fmt(role_bits: int, kind: BlockKind) -> BFP | None:
+            return None if role_bits == 32 else BFP(role_bits, kind, rounding)  # type: ignore[arg-type]
+
+        weight = fmt(bits["weight"], block)
+        return cls(
+            weight=weight,
+            activation=fmt(bits["activation"], "tensor"),
+            error=fmt(bits["error"], "tensor"),
+            gradient=fmt(bits["gradient"], block),
+            optimizer_state=weight if quantize_optimizer_state else None,
         )
 
     @property
