@@ -296,7 +296,7 @@ def _resident_mb() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def memory_probe(name: str) -> dict[str, float]:
+def memory_probe(name: str, batch: int = MEMORY_BATCH) -> dict[str, float]:
     """Resident MB that one forward pass adds (this process, run by :func:`resident_growth`)."""
     torch.set_num_threads(1)
     recipe, engine = {key: (r, e) for key, r, e in STEP_ENGINES}[name]
@@ -305,8 +305,8 @@ def memory_probe(name: str) -> dict[str, float]:
     generator = torch.Generator().manual_seed(0)
     optimizer = LowPrecisionOptimizer(torch.optim.Adam(model.parameters()), recipe, generator)
     prepare(model, recipe, generator, engine=engine)
-    images = torch.randn(MEMORY_BATCH, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    labels = torch.randint(0, 10, (MEMORY_BATCH,), generator=torch.Generator().manual_seed(1))
+    images = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(1))
     for _ in range(2):  # compile the kernels, size every buffer
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(images), labels).backward()

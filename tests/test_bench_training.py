@@ -9,7 +9,17 @@ from itertools import pairwise
 
 import torch
 
-from bench.training import BREAKDOWN, interleaved, step_breakdown
+from bench.training import (
+    BREAKDOWN,
+    STEP_ENGINES,
+    client_rounds,
+    engine_probe,
+    interleaved,
+    memory_probe,
+    saved_megabytes,
+    step_breakdown,
+    step_ratios,
+)
 
 
 def test_interleaved_turns_give_every_function_every_predecessor() -> None:
@@ -51,3 +61,28 @@ def test_the_breakdown_times_every_recipe_against_fp32() -> None:
     assert list(ratios) == list(BREAKDOWN)
     assert ratios["fp32"] == 1.0
     assert all(math.isfinite(r) and r > 0 for r in ratios.values())
+
+
+def test_the_step_is_timed_on_both_engines_against_fp32() -> None:
+    timings = step_ratios(torch.device("cpu"), image_size=8, repeats=2)
+    assert list(timings) == [name for name, *_ in STEP_ENGINES] == ["fp32", "lpt8", "int8"]
+    assert timings["fp32"].ratio == 1.0
+    assert all(math.isfinite(t.ratio) and t.ms > 0 for t in timings.values())
+
+
+def test_the_memory_figures_read_what_each_engine_keeps() -> None:
+    saved = {
+        name: saved_megabytes(recipe, engine, batch=8) for name, recipe, engine in STEP_ENGINES
+    }
+    assert saved["int8"] < 0.3 * saved["fp32"] < 0.3 * saved["lpt8"]
+    probe = memory_probe("int8", batch=8)
+    assert probe["held"] == probe["after"] - probe["before"]
+
+
+def test_a_client_round_runs_on_every_engine_and_auto_names_its_pick() -> None:
+    dataset, medians, cpu = client_rounds(repeats=1, examples=32)
+    assert dataset in ("fmnist", "digits")
+    assert set(medians) == set(cpu) == {"fp32", "lpt8", "int8"}
+    assert all(s > 0 for s in medians.values())
+    chosen = engine_probe()
+    assert chosen["engine"] in ("integer", "emulated") and chosen["why"]

@@ -151,15 +151,17 @@ class WeightCodes:
         return self._aligned
 
 
-_ON_GRID = "_fedlpt_on_grid"  # attribute of a parameter: (bits, block, version) it was rounded at
+_ON_GRID = "_fedlpt_on_grid"  # a parameter's (bits, block, version, address) when rounded
 
 
 def mark_on_grid(tensors: list[Tensor], fmt: BFP) -> None:
     """Record that ``tensors`` were just rounded onto ``fmt``'s grid (by the optimizer
-    wrapper), so :func:`weight_codes` reads their codes without checking them; any later
-    in-place change moves their version and voids the mark."""
+    wrapper), so :func:`weight_codes` reads their codes without checking them. Any later
+    in-place change moves the tensor's version and voids the mark, and so does new memory
+    (``param.data = ...``); writing through ``param.data`` in place moves neither, as
+    torch's own version checks do not see it."""
     for tensor in tensors:
-        setattr(tensor, _ON_GRID, (fmt.bits, fmt.block, tensor._version))
+        setattr(tensor, _ON_GRID, (fmt.bits, fmt.block, tensor._version, tensor.data_ptr()))
 
 
 def weight_codes(weight: Tensor, fmt: BFP) -> WeightCodes | None:
@@ -176,7 +178,7 @@ def weight_codes(weight: Tensor, fmt: BFP) -> WeightCodes | None:
     exponents = torch.where(finite, exponents, EXPONENT_MAX + 1 + (fmt.bits - 2))
     found = WeightCodes(codes.view(weight.shape), exponents.view(-1), fmt.bits)
     mark = getattr(weight, _ON_GRID, None)
-    if mark == (fmt.bits, fmt.block, weight._version):
+    if mark == (fmt.bits, fmt.block, weight._version, weight.data_ptr()):
         return found
     decoded = codes.to(torch.float32) * found.scale().view(-1, 1)
     if not bool(finite) or not torch.equal(decoded, flat):

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from bench.training import saved_megabytes
 from fedlpt.models import MLP, ConvNet
 from fedlpt.quant import BFP, LowPrecision, LowPrecisionOptimizer, gemm, prepare, unprepare
 from fedlpt.quant import integer as engine
@@ -222,31 +223,11 @@ def test_row_codes_align_to_the_smallest_exponent_exactly() -> None:
 # --- what is kept for backward -------------------------------------------------------------
 
 
-def saved_megabytes(engine_name: str, recipe: LowPrecision, batch: int = 64) -> float:
-    """Bytes autograd holds for backward after one forward pass (parameters excluded)."""
-    torch.manual_seed(0)
-    model = ConvNet(1, 10, 28)
-    generator = torch.Generator().manual_seed(0)
-    LowPrecisionOptimizer(torch.optim.Adam(model.parameters()), recipe, generator)
-    prepare(model, recipe, generator, engine=engine_name)
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(torch.randn(batch, 1, 28, 28))
-    return sum(storages.values()) / 2**20
-
-
 def test_the_integer_engine_keeps_a_quarter_of_fp32s_memory_for_backward() -> None:
-    fp32 = saved_megabytes("emulated", LowPrecision())
-    emulated = saved_megabytes("emulated", LowPrecision.uniform(8))
-    integer = saved_megabytes("integer", LowPrecision.uniform(8))
+    # What autograd holds after one forward pass of the 28x28 ConvNet, parameters excluded.
+    fp32 = saved_megabytes(LowPrecision(), "emulated", batch=64)
+    emulated = saved_megabytes(LowPrecision.uniform(8), "emulated", batch=64)
+    integer = saved_megabytes(LowPrecision.uniform(8), "integer", batch=64)
     # Emulated: each rounded activation is a new float32 tensor beside its source.
     assert emulated > 1.3 * fp32
     # Integer: int8 codes, a ReLU's mask, nothing for a pooling.
