@@ -193,3 +193,25 @@ def test_downlink_block_sets_the_downlinks_exponent_sharing_apart_from_trainings
         assert {(e["bits"], e["block"]) for e in entries} == {(8, block)}
     sizes = [serialized_size(g.delivered[0].content) for g in (row, kernel)]
     assert sizes[0] < 0.9 * sizes[1]
+
+
+def test_both_engines_send_the_same_bytes(monkeypatch) -> None:
+    from fedlpt.quant import gemm
+
+    # Every product through oneDNN's int8 (where present), however small the MLP's are.
+    if gemm.available("onednn", "cpu"):
+        monkeypatch.setenv(gemm.ENV_BACKEND, "onednn")
+    gemm.forget_choice()
+    nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+    try:
+        sent = {}
+        for engine in ("emulated", "integer"):
+            _, _, replies = run(nodes, engine=engine)
+            sent[engine] = {
+                node: {k: bytes(v.data) for k, v in reply.content["arrays"].items()}
+                for node, reply in replies.items()
+            }
+    finally:
+        gemm.forget_choice()
+    assert sent["emulated"][101] != sent["emulated"][102]  # two nodes, two models
+    assert sent["emulated"] == sent["integer"]

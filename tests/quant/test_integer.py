@@ -11,7 +11,16 @@ from torch import nn
 
 from bench.training import saved_megabytes
 from fedlpt.models import MLP, ConvNet
-from fedlpt.quant import BFP, LowPrecision, LowPrecisionOptimizer, gemm, prepare, unprepare
+from fedlpt.quant import (
+    BFP,
+    LowPrecision,
+    LowPrecisionOptimizer,
+    gemm,
+    kernels,
+    prepare,
+    quantize,
+    unprepare,
+)
 from fedlpt.quant import integer as engine
 from fedlpt.quant.training import integer_blockers, select_engine
 
@@ -260,6 +269,32 @@ def test_weights_off_their_grid_multiply_in_float32_and_say_so(backend, caplog) 
         results.append(out)
     assert torch.equal(results[0], results[1])
     assert any("off its 8-bit row grid" in r.message for r in caplog.records)
+
+
+def test_a_weight_changed_after_the_wrapper_rounded_it_is_checked_again() -> None:
+    fmt = BFP(8, "row")
+    weight = quantize(torch.randn(4, 6), BFP(8, "row", "nearest"))
+    engine.mark_on_grid([weight], fmt)
+    codes = engine.weight_codes(weight, fmt)
+    assert codes is not None
+    assert torch.equal(codes.codes.float() * codes.scale().view(-1, 1), weight)
+    weight.add_(1e-3)  # off its grid now; its version moved, so the mark no longer holds
+    assert engine.weight_codes(weight, fmt) is None
+    weight.copy_(quantize(weight, BFP(8, "row", "nearest")))  # back on the grid: checked, read
+    assert engine.weight_codes(weight, fmt) is not None
+
+
+def test_non_finite_values_poison_their_codes_scale() -> None:
+    fmt = BFP(8, "row")
+    weight = torch.ones(3, 4)
+    weight[1, 2] = float("nan")
+    engine.mark_on_grid([weight], fmt)
+    codes = engine.weight_codes(weight, fmt)
+    assert codes is not None and not torch.isfinite(codes.scale()).all()
+    values = torch.tensor([1.0, float("inf"), 2.0])
+    _, _, exponent = kernels.round_tensor(values, 0, 8, False)
+    grid = engine.GridCodes(torch.zeros(3, dtype=torch.int8), exponent, 8)
+    assert not torch.isfinite(grid.scale).all()
 
 
 def test_unprepare_restores_the_plain_model() -> None:
