@@ -351,7 +351,8 @@ def report(results, names, scale: Scale, args, tag: str, wall: float) -> None:
     )
     print(
         f"FMNIST, {scale.clients} clients (40% per round), alpha {args.alpha:g}, "
-        f"{scale.rounds} rounds, FedAvg (unweighted), ConvNet, block=kernel; accuracy = mean of "
+        f"{scale.rounds} rounds, FedAvg (unweighted), ConvNet, block=kernel (row: *_row), engine "
+        f"{args.engine}; accuracy = mean of "
         f"the last 5 rounds (%), mean over seeds {list(scale.seeds)}"
     )
     print_table(["config", "acc %", "std", "per seed", "paper", "rounds done", "up B/round"], rows)
